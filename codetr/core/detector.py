@@ -1,0 +1,112 @@
+"""The one detector class behind every recipe.
+
+``Detector`` wires a backbone, a neck, a :class:`~codetr.core.interfaces.DETRVariant` and its set
+criterion, plus (for Co-DETR) K auxiliary heads, the multi-scale adapter and a query encoder::
+
+    images ─backbone─> C_l ─neck─> levels ─variant─> Memory ─> main (+dn) groups ─decode─> criterion
+                                               └─adapter─> pyramid ─aux heads─> losses + PositiveCoords
+                                                                        └─query encoder─> aux groups ─decode─> losses
+
+``loss(batch)`` returns a flat dict of already-weighted loss terms (the engine sums them);
+``predict(batch)`` returns :class:`~codetr.core.structures.Detections` in the original image frame.
+Only the DETR branch runs at inference (unless ``eval_module`` selects an aux head for analysis).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from codetr.core.interfaces import DETRVariant, Memory
+from codetr.core.structures import Batch, Detections
+
+__all__ = ["Detector", "level_masks", "rescale_detections"]
+
+
+def rescale_detections(det: Detections, size_hw: Tensor, orig_hw: Tensor) -> Detections:
+    """Network-input frame (valid size ``size_hw``) -> original image frame (``orig_hw``), clipped."""
+    h, w = size_hw.tolist()
+    oh, ow = orig_hw.tolist()
+    scale = det.boxes.new_tensor([ow / w, oh / h, ow / w, oh / h])
+    boxes = det.boxes * scale
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, ow)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, oh)
+    return Detections(boxes, det.scores, det.labels)
+
+
+def level_masks(mask: Tensor, shapes: list[tuple[int, int]]) -> list[Tensor]:
+    """Padding mask (B, H, W) True on padding -> one mask per level (B, H_l, W_l) (nearest resize, as official)."""
+    m = mask[None].float()
+    return [F.interpolate(m, size=s).to(torch.bool)[0] for s in shapes]
+
+
+class Detector(nn.Module):
+    """Backbone + neck + DETR variant + criterion (+ collaborative aux branch).
+
+    Args:
+        backbone: module returning a list of (B, C_l, H_l, W_l) maps; has ``strides``.
+        neck: module mapping those maps to ``num_levels`` maps of ``hidden_dim`` channels; has ``out_strides``.
+        variant: the DETR variant.
+        criterion: :class:`~codetr.heads.criterion.SetCriterion` (one-to-one losses, fixed-target losses).
+        postprocess: ``(DecoderOutputs, image_sizes, orig_sizes) -> list[Detections]`` (original frame).
+        collaborative: optional Co-DETR branch (``codetr.heads.collaborative.CollaborativeBranch``) with
+            ``loss(memory, batch, variant, criterion) -> dict`` and ``predict(memory, batch)``.
+    """
+
+    def __init__(self, backbone: nn.Module, neck: nn.Module, variant: DETRVariant, criterion: nn.Module,
+                 postprocess: Callable[..., list[Detections]], num_classes: int,
+                 collaborative: nn.Module | None = None, eval_module: str = "detr",
+                 score_threshold: float = 0.0):
+        super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.variant = variant
+        self.criterion = criterion
+        self.collaborative = collaborative
+        self.postprocess = postprocess
+        self.num_classes = num_classes
+        self.eval_module = eval_module
+        self.score_threshold = score_threshold
+
+    # ------------------------------------------------------------------ shared trunk
+    def encode(self, batch: Batch) -> Memory:
+        feats = self.backbone(batch.images)
+        levels = self.neck(feats)
+        strides = list(self.neck.out_strides)
+        masks = level_masks(batch.masks, [tuple(x.shape[-2:]) for x in levels])
+        inputs = self.variant.prepare(levels, masks, strides)
+        return self.variant.encode(inputs)
+
+    # ------------------------------------------------------------------ training
+    def loss(self, batch: Batch) -> dict[str, Tensor]:
+        memory = self.encode(batch)
+        groups = self.variant.make_queries(memory, batch)
+        losses: dict[str, Tensor] = {}
+        for group in groups:
+            outputs = self.variant.decode(group, memory)
+            if group.name == "main":
+                losses.update(self.criterion(outputs, batch, memory.extras))
+            else:
+                losses.update(self.variant.group_loss(group, outputs, batch, self.criterion))
+        if self.collaborative is not None:
+            losses.update(self.collaborative.loss(memory, batch, self.variant, self.criterion))
+        return losses
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> list[Detections]:
+        memory = self.encode(batch)
+        if self.eval_module != "detr" and self.collaborative is not None:
+            dets = self.collaborative.predict(memory, batch, self.eval_module)
+            dets = [rescale_detections(d, s, o) for d, s, o in zip(dets, batch.image_sizes, batch.orig_sizes)]
+        else:
+            main = self.variant.make_queries(memory, None)[0]
+            out = self.variant.decode(main, memory)
+            dets = self.postprocess(out, batch.image_sizes, batch.orig_sizes)
+        if self.score_threshold > 0:
+            dets = [d.filter(d.scores >= self.score_threshold) for d in dets]
+        return dets
+

@@ -1,0 +1,344 @@
+"""The four pluggable interfaces of codetr and the tensors they exchange.
+
+Data flow of one training step (``Detector.loss``)::
+
+    images ─backbone─> C_l ─neck─> levels ─variant.prepare─> EncoderInputs ─variant.encode─> Memory
+    Memory ─variant.make_queries─> QueryGroup "main" (+ "dn") ─variant.decode─> DecoderOutputs ─> criterion
+    Memory ─adapter─> FeaturePyramid ─aux_head[k].loss─> losses_k, PositiveCoords_k
+    PositiveCoords_k ─query_encoder(k)─> QueryGroup "aux{k}" + AuxTargets ─variant.decode─> losses (x lambda_1)
+
+Inference runs only the first two lines (the DETR branch).
+
+Frames and formats (see also :mod:`codetr.core.structures`):
+
+* ``FeaturePyramid`` maps are NCHW; level ``l`` has stride ``strides[l]`` in input pixels.
+* Anything named ``*_xyxy`` is absolute pixels in the transformed (network-input) frame.
+* ``reference`` / ``boxes`` of queries and decoder outputs are **normalised cxcywh** in [0, 1] relative
+  to each image's valid size (``Batch.image_sizes``); "unact" tensors are their inverse sigmoid.
+* Background label = ``num_classes``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from codetr.core.structures import Batch, Detections
+
+__all__ = [
+    "FeaturePyramid",
+    "EncoderInputs",
+    "Memory",
+    "QueryGroup",
+    "DecoderOutputs",
+    "PositiveCoords",
+    "AuxTargets",
+    "AuxHeadOutput",
+    "MatchResult",
+    "AssignResult",
+    "OneToOneAssigner",
+    "OneToManyAssigner",
+    "Assigner",
+    "AuxHead",
+    "QueryEncoder",
+    "DETRVariant",
+]
+
+
+# --------------------------------------------------------------------------- tensors exchanged
+@dataclass
+class FeaturePyramid:
+    """Multi-level feature maps.
+
+    Attributes:
+        maps: L tensors (B, C, H_l, W_l).
+        strides: L ints, input pixels per cell of each level.
+        masks: L bool tensors (B, H_l, W_l), True on padding (cells outside the valid image).
+    """
+
+    maps: list[Tensor]
+    strides: list[int]
+    masks: list[Tensor]
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    @property
+    def spatial_shapes(self) -> list[tuple[int, int]]:
+        return [(int(m.shape[-2]), int(m.shape[-1])) for m in self.maps]
+
+
+@dataclass
+class EncoderInputs:
+    """Flattened multi-level encoder input (output of ``DETRVariant.prepare``).
+
+    Attributes:
+        feats: (B, S, C) tokens of all levels concatenated in level order, row-major inside a level.
+        pos: (B, S, C) positional encoding (+ level embedding) of each token.
+        padding_mask: (B, S) bool, True on padded tokens.
+        spatial_shapes: L python (H_l, W_l) tuples (python ints: no host sync in attention).
+        level_start: (L,) int64 start offset of each level in S.
+        valid_ratios: (B, L, 2) float, (w, h) fraction of each level covered by the valid image.
+        strides: L ints.
+    """
+
+    feats: Tensor
+    pos: Tensor
+    padding_mask: Tensor
+    spatial_shapes: list[tuple[int, int]]
+    level_start: Tensor
+    valid_ratios: Tensor
+    strides: list[int]
+
+
+@dataclass
+class Memory:
+    """Encoder output.
+
+    Attributes:
+        memory: (B, S, C) encoded tokens, same layout as ``inputs.feats``.
+        inputs: the :class:`EncoderInputs` the encoder consumed (shapes, masks, ratios).
+        extras: variant-specific tensors (e.g. two-stage proposals ``enc_logits`` (B, S, C') and
+            ``enc_boxes`` (B, S, 4) normalised cxcywh) that the criterion may use.
+    """
+
+    memory: Tensor
+    inputs: EncoderInputs
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    def levels(self) -> list[Tensor]:
+        """Split back into L maps (B, C, H_l, W_l) (the multi-scale adapter's input)."""
+        b, _, c = self.memory.shape
+        out, start = [], 0
+        for h, w in self.inputs.spatial_shapes:
+            out.append(self.memory[:, start:start + h * w].transpose(1, 2).reshape(b, c, h, w))
+            start += h * w
+        return out
+
+
+@dataclass
+class QueryGroup:
+    """One group of decoder queries decoded together by the shared decoder.
+
+    Attributes:
+        name: "main", "dn", "aux0", ... (used as the loss-name prefix/suffix).
+        content: (B, Q, C) content queries (target embedding).
+        reference: (B, Q, 4) normalised cxcywh reference boxes (or (B, Q, 2) points for variants with
+            2-D references).
+        pos: (B, Q, C) positional queries, or None for variants that derive them from ``reference``
+            at every layer (DINO, DAB).
+        self_attn_mask: None or bool (Q, Q) / (B * heads, Q, Q), True = attention **blocked**.
+        extras: group-specific data (e.g. DN metadata: ``dn_num_groups``, ``dn_pad_size``).
+    """
+
+    name: str
+    content: Tensor
+    reference: Tensor
+    pos: Tensor | None = None
+    self_attn_mask: Tensor | None = None
+    extras: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class DecoderOutputs:
+    """Per-layer predictions of one query group.
+
+    Attributes:
+        logits: (L, B, Q, num_classes) class logits (sigmoid / focal style).
+        boxes: (L, B, Q, 4) normalised cxcywh predictions (after sigmoid).
+        hidden: (L, B, Q, C) decoder states (after the output norm, if any).
+        references: (L, B, Q, 4) the reference each layer refined from.
+    """
+
+    logits: Tensor
+    boxes: Tensor
+    hidden: Tensor
+    references: Tensor
+
+
+@dataclass
+class PositiveCoords:
+    """What one auxiliary head hands to the customized-positive-query builder (per image lists).
+
+    Contains the head's *candidates*: positives (label < num_classes) and negatives (label ==
+    num_classes), the latter used to pad the query group with random negatives.
+
+    Attributes:
+        tag: head kind, e.g. "atss", "rcnn".
+        ref_boxes_xyxy: B tensors (N_b, 4) absolute xyxy, the anchors/proposals (queries' references).
+        labels: B tensors (N_b,) int64, background = num_classes.
+        target_boxes_xyxy: B tensors (N_b, 4) absolute xyxy assigned GT boxes (zeros for negatives).
+        feats: B tensors (N_b, C) per-coordinate features (e.g. mean-pooled RoI features, or the
+            pyramid cell feature of each anchor), or None.
+    """
+
+    tag: str
+    ref_boxes_xyxy: list[Tensor]
+    labels: list[Tensor]
+    target_boxes_xyxy: list[Tensor]
+    feats: list[Tensor] | None = None
+
+
+@dataclass
+class AuxTargets:
+    """Fixed targets of one customized-positive-query group (no matching).
+
+    Attributes:
+        labels: (B, P) int64, background = num_classes.
+        boxes: (B, P, 4) normalised cxcywh targets.
+        label_weights: (B, P) float.
+        box_weights: (B, P) float, 1 on positives.
+        num_pos: python float, number of positives in this batch on this rank (before all-reduce).
+    """
+
+    labels: Tensor
+    boxes: Tensor
+    label_weights: Tensor
+    box_weights: Tensor
+    num_pos: float
+
+
+@dataclass
+class AuxHeadOutput:
+    losses: dict[str, Tensor]
+    positives: PositiveCoords
+
+
+@dataclass
+class MatchResult:
+    """One-to-one assignment of one image: prediction ``pred_idx[i]`` is matched to GT ``gt_idx[i]``."""
+
+    pred_idx: Tensor
+    gt_idx: Tensor
+
+
+@dataclass
+class AssignResult:
+    """One-to-many assignment of one image.
+
+    Attributes:
+        gt_index: (A,) int64 matched GT index per anchor; -1 = background, -2 = ignored.
+        max_iou: (A,) float IoU with the matched (or best) GT.
+        labels: (A,) int64 assigned class, background = num_classes.
+    """
+
+    gt_index: Tensor
+    max_iou: Tensor
+    labels: Tensor
+
+    @property
+    def pos_mask(self) -> Tensor:
+        return self.gt_index >= 0
+
+    @property
+    def num_pos(self) -> int:
+        return int(self.pos_mask.sum())
+
+
+# --------------------------------------------------------------------------- interfaces
+class OneToOneAssigner(ABC):
+    """Set-prediction matching (Hungarian). Pure function of tensors; no module state."""
+
+    kind: Literal["one_to_one"] = "one_to_one"
+
+    @abstractmethod
+    def match(self, logits: Tensor, boxes: Tensor, gt_labels: Tensor, gt_boxes: Tensor,
+              image_size_hw: Tensor) -> MatchResult:
+        """Match Q predictions of one image to its N ground-truth objects.
+
+        Args:
+            logits: (Q, C) class logits.
+            boxes: (Q, 4) normalised cxcywh.
+            gt_labels: (N,) int64.
+            gt_boxes: (N, 4) normalised cxcywh.
+            image_size_hw: (2,) valid size, for costs computed in pixels.
+        """
+
+
+class OneToManyAssigner(ABC):
+    """Anchor/proposal -> GT assignment (ATSS, Max-IoU, SimOTA, ...). Pure function of tensors."""
+
+    kind: Literal["one_to_many"] = "one_to_many"
+
+    @abstractmethod
+    def assign(self, anchors_xyxy: Tensor, num_per_level: list[int], gt_boxes_xyxy: Tensor,
+               gt_labels: Tensor, num_classes: int, pred_scores: Tensor | None = None,
+               pred_boxes_xyxy: Tensor | None = None, ignore_boxes_xyxy: Tensor | None = None
+               ) -> AssignResult:
+        """Assign A anchors (absolute xyxy, level-major order) to N GT boxes of one image.
+
+        ``pred_scores`` (A, C) sigmoid scores and ``pred_boxes_xyxy`` (A, 4) are given for
+        prediction-aware assigners (e.g. SimOTA); static assigners ignore them.
+        """
+
+
+Assigner = OneToOneAssigner | OneToManyAssigner
+
+
+class AuxHead(nn.Module, ABC):
+    """A one-to-many auxiliary head on the aux feature pyramid (training-time only by default).
+
+    ``loss`` returns already-weighted losses (names without the head prefix; the detector prefixes
+    ``aux{k}.``) and its :class:`PositiveCoords` for customized positive queries.
+    """
+
+    tag: str = "aux"
+
+    @abstractmethod
+    def loss(self, pyramid: FeaturePyramid, batch: Batch) -> AuxHeadOutput:
+        """Forward + assignment + losses on a training batch (targets in ``batch.targets``)."""
+
+    def predict(self, pyramid: FeaturePyramid, batch: Batch) -> list[Detections]:
+        """Detections in the network-input frame (``eval_module`` analysis); optional."""
+        raise NotImplementedError(f"{type(self).__name__} has no standalone inference")
+
+
+class QueryEncoder(nn.Module, ABC):
+    """Builds the customized positive query group ``k`` from an aux head's coordinates."""
+
+    @abstractmethod
+    def forward(self, coords: PositiveCoords, group: int, memory: Memory, pyramid: FeaturePyramid,
+                batch: Batch, generator: torch.Generator | None = None) -> tuple[QueryGroup, AuxTargets]:
+        """Select positives (+ random-negative padding), embed them, return queries + fixed targets."""
+
+
+class DETRVariant(nn.Module, ABC):
+    """A DETR variant as four hooks (mmdet-3 ``DetectionTransformer`` style).
+
+    The detector calls ``prepare -> encode -> make_queries -> decode`` for the one-to-one branch and
+    calls ``decode`` again, with the same weights, for every extra :class:`QueryGroup` (Co-DETR's
+    customized positive queries), so a variant needs no Co-DETR specific code.
+    """
+
+    hidden_dim: int
+    num_levels: int
+    num_decoder_layers: int
+
+    @abstractmethod
+    def prepare(self, levels: list[Tensor], masks: list[Tensor], strides: list[int]) -> EncoderInputs:
+        """Flatten L maps (B, C, H_l, W_l) with padding masks (B, H_l, W_l) into encoder tokens."""
+
+    @abstractmethod
+    def encode(self, inputs: EncoderInputs) -> Memory:
+        """Run the encoder (and two-stage proposal generation, if any)."""
+
+    @abstractmethod
+    def make_queries(self, memory: Memory, batch: Batch | None) -> list[QueryGroup]:
+        """The one-to-one queries ("main"); during training also denoising groups ("dn")."""
+
+    @abstractmethod
+    def decode(self, group: QueryGroup, memory: Memory) -> DecoderOutputs:
+        """Decode one query group with the shared decoder and prediction heads."""
+
+    def group_loss(self, group: QueryGroup, outputs: DecoderOutputs, batch: Batch, criterion: nn.Module
+                   ) -> dict[str, Tensor]:
+        """Losses of an extra group this variant made in ``make_queries`` (e.g. DINO's denoising group).
+
+        The "main" group is handled by the detector's criterion; variants without extra groups never
+        get here.
+        """
+        raise NotImplementedError(f"{type(self).__name__} made query group {group.name!r} but defines no loss for it")

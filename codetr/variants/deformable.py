@@ -1,0 +1,420 @@
+"""Deformable-DETR family as a :class:`~codetr.core.interfaces.DETRVariant`.
+
+One module covers
+
+* Deformable-DETR (one-stage: learned ``query_embedding`` split into position / content, 2-D reference
+  points ``sigmoid(Linear(pos))``),
+* ``+ with_box_refine`` (per-layer heads, references refined layer by layer, detached between layers),
+* ``+ two_stage`` (every encoder token is a proposal; top-k by the class-0 logit of the encoder head;
+  ``pos_trans`` + ``pos_trans_norm`` on the sine embedding of the proposals gives position and content),
+* ``+ mixed_selection`` (content = learned ``query_embedding``, position from the proposals) and
+  ``+ look_forward_twice`` (layer ``l``'s box is built on layer ``l-1``'s *undetached* refined box),
+
+i.e. Deformable-DETR++ (``preset: deformable_detr_pp``), which is the one-to-one branch of official
+Co-Deformable-DETR. Numerics follow the official Sense-X Co-DETR (mmdet 2.25) and mmdet 3.x implementations
+(see ``tests/variants/test_deformable_parity.py`` and the fixture READMEs).
+
+State-dict layout (prefix ``variant.`` in a detector)::
+
+    level_embed                                   (L, C)
+    encoder.layers.{i}.self_attn.{sampling_offsets,attention_weights,value_proj,output_proj}.*
+    encoder.layers.{i}.{norm1,norm2,ffn.fc1,ffn.fc2}.*
+    decoder.layers.{i}.self_attn.{in_proj_weight,in_proj_bias,out_proj.*}
+    decoder.layers.{i}.cross_attn.*  decoder.layers.{i}.{norm1,norm2,norm3,ffn.fc1,ffn.fc2}.*
+    class_heads.{k}.*  box_heads.{k}.layers.{0,1,2}.*   k = decoder layer; k = num_decoder_layers: encoder
+                                                        proposal head (two-stage); a single k = 0 when shared
+    query_embedding.weight                        (Q, 2C) one-stage, (Q, C) mixed selection, absent otherwise
+    reference_points.*                            one-stage only (Linear C -> 2)
+    enc_output.*, enc_output_norm.*, pos_trans.*, pos_trans_norm.*      two-stage only
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from pydantic import model_validator
+from torch import Tensor, nn
+
+from codetr.core.interfaces import DecoderOutputs, DETRVariant, EncoderInputs, Memory, QueryGroup
+from codetr.core.registry import Component, ComponentConfig
+from codetr.core.structures import Batch
+from codetr.ops.msda import MultiScaleDeformableAttention
+from codetr.ops.position import SinePositionalEncoding, sine_box_embedding
+from codetr.variants.layers import MLP, DeformableDecoderLayer, DeformableEncoderLayer, inverse_sigmoid
+
+__all__ = ["PRESETS", "DeformableDETRConfig", "DeformableDETR", "build", "COMPONENT"]
+
+#: Field values a ``preset`` fills in. Precedence: a field given explicitly in the config always wins over
+#: the preset, and the preset wins over the field's default. ``num_queries`` is a recipe-level (shared) field,
+#: so the preset never sets it during validation; it is only the fallback used by :func:`build` when the
+#: recipe did not inject one (Deformable-DETR++ uses 300 queries).
+PRESETS: dict[str, dict[str, Any]] = {
+    "deformable_detr_pp": {
+        "with_box_refine": True,
+        "two_stage": True,
+        "mixed_selection": True,
+        "look_forward_twice": True,
+        "ffn_dim": 2048,
+        "dropout": 0.0,
+    },
+}
+_PRESET_NUM_QUERIES = {"deformable_detr_pp": 300}
+
+#: Fallbacks for shared fields when a config is built outside a recipe (unit tests, notebooks).
+_SHARED_FALLBACKS = {"hidden_dim": 256, "num_levels": 4, "num_decoder_layers": 6, "num_queries": 300}
+
+
+class DeformableDETRConfig(ComponentConfig):
+    """Deformable-DETR (+refine, +two-stage, ++ tricks).
+
+    Shared fields (``hidden_dim``, ``num_queries``, ``num_levels``, ``num_classes``, ``num_decoder_layers``) are
+    injected by the recipe. ``preset: deformable_detr_pp`` = refine + two-stage + mixed selection +
+    look-forward-twice + FFN 2048 + dropout 0 (and 300 queries if the recipe gives none); explicitly set
+    fields override the preset.
+    """
+
+    type: Literal["deformable_detr"] = "deformable_detr"
+    preset: Literal["deformable_detr_pp"] | None = None
+
+    hidden_dim: int | None = None
+    num_queries: int | None = None
+    num_levels: int | None = None
+    num_classes: int | None = None
+    num_decoder_layers: int | None = None
+
+    num_encoder_layers: int = 6
+    num_heads: int = 8
+    num_points: int = 4
+    ffn_dim: int = 1024
+    dropout: float = 0.1
+
+    with_box_refine: bool = False
+    two_stage: bool = False
+    mixed_selection: bool = False
+    look_forward_twice: bool = False
+    #: None = official behaviour: one head shared by all layers without box refinement, per-layer heads with it.
+    share_heads: bool | None = None
+
+    pe_temperature: float = 10000.0
+    #: Sine PE offset added to the cumulative pixel index before normalising. -0.5 (pixel centres) is what every
+    #: official Deformable-DETR family model uses: the original repo (``models/position_encoding.py`` subtracts
+    #: 0.5), mmdet 2.x / 3.x Deformable configs, Sense-X Co-Deformable-DETR, H-DETR, detrex. 0.0 = DETR / DINO.
+    pe_offset: float = -0.5
+    #: Encoder proposals kept as queries (two-stage); None = num_queries.
+    two_stage_num_proposals: int | None = None
+    #: Rank invalid proposals (padding, or outside (0.01, 0.99)) last in the two-stage top-k. The official code
+    #: ranks them by their (bias-only) logit, so a padded token can be picked and the result then depends on
+    #: how much padding the batch has; masking keeps "batch size doesn't change the result". Numerically equal
+    #: to the official code whenever it would not select an invalid proposal (all fixtures).
+    two_stage_mask_invalid: bool = True
+    prior_prob: float = 0.01
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            preset = PRESETS.get(data["preset"])
+            if preset is not None:  # unknown names are reported by the Literal check
+                data = {**preset, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> "DeformableDETRConfig":
+        if self.mixed_selection and not self.two_stage:
+            raise ValueError("mixed_selection needs two_stage: true (positions come from encoder proposals)")
+        if self.look_forward_twice and not self.with_box_refine:
+            raise ValueError("look_forward_twice needs with_box_refine: true")
+        if self.share_heads and self.with_box_refine:
+            raise ValueError("share_heads: true with with_box_refine is not a Deformable-DETR configuration; "
+                             "refinement uses one head per decoder layer")
+        if self.mixed_selection and self.two_stage_num_proposals is not None and self.num_queries is not None \
+                and self.two_stage_num_proposals != self.num_queries:
+            raise ValueError("with mixed_selection every proposal gets a learned content query, so "
+                             "two_stage_num_proposals must equal num_queries")
+        return self
+
+
+class DeformableDETR(DETRVariant):
+    """Deformable-DETR family; see the module docstring. Build with :func:`build`."""
+
+    def __init__(self, cfg: DeformableDETRConfig) -> None:
+        super().__init__()
+        for name in ("hidden_dim", "num_levels", "num_decoder_layers", "num_queries", "num_classes"):
+            if getattr(cfg, name) is None:
+                raise ValueError(f"DeformableDETRConfig.{name} is not set (the recipe injects it; use build())")
+        self.cfg = cfg
+        c = self.hidden_dim = int(cfg.hidden_dim)
+        self.num_levels = int(cfg.num_levels)
+        self.num_decoder_layers = int(cfg.num_decoder_layers)
+        self.num_queries = int(cfg.num_queries)
+        self.num_classes = int(cfg.num_classes)
+        self.num_heads = cfg.num_heads
+        self.with_box_refine = cfg.with_box_refine
+        self.two_stage = cfg.two_stage
+        self.mixed_selection = cfg.mixed_selection
+        self.look_forward_twice = cfg.look_forward_twice
+        self.share_heads = (not cfg.with_box_refine) if cfg.share_heads is None else cfg.share_heads
+        self.num_proposals = cfg.two_stage_num_proposals or self.num_queries
+        if c % 2:
+            raise ValueError("hidden_dim must be even (half sine features per axis)")
+        if self.mixed_selection and self.num_proposals != self.num_queries:
+            raise ValueError(f"mixed_selection: two_stage_num_proposals ({self.num_proposals}) must equal "
+                             f"num_queries ({self.num_queries}), one learned content query per proposal")
+
+        self.positional_encoding = SinePositionalEncoding(
+            num_feats=c // 2, temperature=cfg.pe_temperature, normalize=True, scale=2 * math.pi, eps=1e-6,
+            offset=cfg.pe_offset)
+        self.level_embed = nn.Parameter(torch.empty(self.num_levels, c))
+        layer_args = (c, cfg.num_heads, self.num_levels, cfg.num_points, cfg.ffn_dim, cfg.dropout)
+        self.encoder = _Stack(DeformableEncoderLayer(*layer_args) for _ in range(cfg.num_encoder_layers))
+        self.decoder = _Stack(DeformableDecoderLayer(*layer_args) for _ in range(self.num_decoder_layers))
+
+        num_heads_needed = 1 if self.share_heads else self.num_decoder_layers + int(self.two_stage)
+        self.class_heads = nn.ModuleList(nn.Linear(c, self.num_classes) for _ in range(num_heads_needed))
+        self.box_heads = nn.ModuleList(MLP(c, c, 4, 3) for _ in range(num_heads_needed))
+
+        if self.two_stage:
+            self.enc_output = nn.Linear(c, c)
+            self.enc_output_norm = nn.LayerNorm(c)
+            self.pos_trans = nn.Linear(2 * c, 2 * c)
+            self.pos_trans_norm = nn.LayerNorm(2 * c)
+            self.query_embedding = nn.Embedding(self.num_queries, c) if self.mixed_selection else None
+            self.reference_points = None
+        else:
+            self.query_embedding = nn.Embedding(self.num_queries, 2 * c)
+            self.reference_points = nn.Linear(c, 2)
+        self.init_weights()
+
+    # ------------------------------------------------------------------ init
+    def init_weights(self) -> None:
+        """Official initialisation (Deformable-DETR / mmdet ``DeformableDETRHead.init_weights``)."""
+        for module in (self.encoder, self.decoder):
+            for p in module.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MultiScaleDeformableAttention):
+                m.init_weights()  # zero offset weights + directional offset bias, uniform attention
+        nn.init.normal_(self.level_embed)
+        if self.two_stage:
+            nn.init.xavier_uniform_(self.enc_output.weight)
+            nn.init.xavier_uniform_(self.pos_trans.weight)
+        else:
+            nn.init.xavier_uniform_(self.reference_points.weight)
+            nn.init.zeros_(self.reference_points.bias)
+        bias = -math.log((1 - self.cfg.prior_prob) / self.cfg.prior_prob)
+        for head in self.class_heads:
+            nn.init.constant_(head.bias, bias)
+        for head in self.box_heads:
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+        # w, h bias -2 on the (shared, or first when refining) box head; reset to 0 for two-stage because the
+        # proposal already carries a size.
+        nn.init.constant_(self.box_heads[0].layers[-1].bias[2:], -2.0)
+        if self.two_stage:
+            for head in self.box_heads:
+                nn.init.constant_(head.layers[-1].bias[2:], 0.0)
+
+    def class_head(self, index: int) -> nn.Linear:
+        """Class head of decoder layer ``index`` (``num_decoder_layers`` = the two-stage encoder head)."""
+        return self.class_heads[0 if self.share_heads else index]
+
+    def box_head(self, index: int) -> MLP:
+        return self.box_heads[0 if self.share_heads else index]
+
+    # ------------------------------------------------------------------ prepare
+    def prepare(self, levels: list[Tensor], masks: list[Tensor], strides: list[int]) -> EncoderInputs:
+        if len(levels) != self.num_levels:
+            raise ValueError(f"DeformableDETR was built for {self.num_levels} levels, got {len(levels)}")
+        feats, pos, pads, shapes, ratios = [], [], [], [], []
+        for lvl, (x, mask) in enumerate(zip(levels, masks)):
+            b, c, h, w = x.shape
+            shapes.append((int(h), int(w)))
+            p = self.positional_encoding(mask).to(x.dtype) + self.level_embed[lvl].view(1, c, 1, 1)
+            feats.append(x.flatten(2).transpose(1, 2))
+            pos.append(p.flatten(2).transpose(1, 2))
+            pads.append(mask.flatten(1))
+            ratios.append(_valid_ratio(mask))
+        sizes = torch.tensor([h * w for h, w in shapes], dtype=torch.int64, device=levels[0].device)
+        level_start = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+        return EncoderInputs(
+            feats=torch.cat(feats, 1), pos=torch.cat(pos, 1), padding_mask=torch.cat(pads, 1),
+            spatial_shapes=shapes, level_start=level_start, valid_ratios=torch.stack(ratios, 1).to(levels[0].dtype),
+            strides=list(strides))
+
+    # ------------------------------------------------------------------ encode
+    def encode(self, inputs: EncoderInputs) -> Memory:
+        ref = _encoder_reference_points(inputs.spatial_shapes, inputs.valid_ratios)
+        x = inputs.feats
+        for layer in self.encoder.layers:
+            x = layer(x, inputs.pos, ref, inputs.spatial_shapes, inputs.padding_mask)
+        memory = Memory(memory=x, inputs=inputs)
+        if self.two_stage:
+            memory.extras.update(self._proposals(x, inputs))
+        return memory
+
+    def _proposals(self, memory: Tensor, inputs: EncoderInputs) -> dict[str, Tensor]:
+        """Two-stage: score every encoder token as a proposal and pick the top-k."""
+        proposals, valid = _grid_proposals(inputs.padding_mask, inputs.spatial_shapes, memory.dtype)
+        out = memory.masked_fill(~valid.unsqueeze(-1), 0.0)
+        out = self.enc_output_norm(self.enc_output(out))
+        head = self.num_decoder_layers
+        logits = self.class_head(head)(out)
+        boxes_unact = self.box_head(head)(out) + proposals
+        score = logits[..., 0]
+        if self.cfg.two_stage_mask_invalid:
+            score = score.masked_fill(~valid, float("-inf"))
+        k = min(self.num_proposals, score.shape[1])
+        topk = torch.topk(score, k, dim=1)[1]
+        return {
+            "enc_logits": logits,                        # (B, S, num_classes)
+            "enc_boxes": boxes_unact.sigmoid(),          # (B, S, 4) normalised cxcywh (1.0 where invalid)
+            "enc_boxes_unact": boxes_unact,              # (B, S, 4) (+inf where invalid)
+            "enc_proposals_unact": proposals,            # (B, S, 4) grid proposals, logit space, +inf invalid
+            "enc_valid": valid,                          # (B, S) bool
+            "topk_indices": topk,                        # (B, k) int64
+        }
+
+    # ------------------------------------------------------------------ queries
+    def make_queries(self, memory: Memory, batch: Batch | None = None) -> list[QueryGroup]:
+        b = memory.memory.shape[0]
+        c = self.hidden_dim
+        if self.two_stage:
+            topk = memory.extras["topk_indices"]
+            unact = torch.gather(memory.extras["enc_boxes_unact"], 1, topk.unsqueeze(-1).expand(-1, -1, 4)).detach()
+            reference = unact.sigmoid()
+            emb = self.pos_trans_norm(self.pos_trans(self.proposal_embedding(reference)))
+            pos, content = emb.split(c, dim=-1)
+            if self.mixed_selection:
+                content = self.query_embedding.weight.unsqueeze(0).expand(b, -1, -1)
+        else:
+            pos, content = self.query_embedding.weight.split(c, dim=-1)
+            pos = pos.unsqueeze(0).expand(b, -1, -1)
+            content = content.unsqueeze(0).expand(b, -1, -1)
+            reference = self.reference_points(pos).sigmoid()
+        return [QueryGroup(name="main", content=content, reference=reference, pos=pos)]
+
+    def proposal_embedding(self, boxes: Tensor) -> Tensor:
+        """(B, Q, 4) normalised cxcywh -> (B, Q, 4 * C/2) sine embedding (cx, cy, w, h), temperature 10000, 2pi."""
+        return sine_box_embedding(boxes, num_feats=self.hidden_dim // 2, temperature=10000, scale=2 * math.pi,
+                                  order="xywh")
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, group: QueryGroup, memory: Memory) -> DecoderOutputs:
+        if group.pos is None:
+            raise ValueError(f"query group {group.name!r} has no positional queries; DeformableDETR needs "
+                             "QueryGroup.pos (it does not derive positions from the reference per layer)")
+        inputs = memory.inputs
+        vr = inputs.valid_ratios
+        x, pos = group.content, group.pos
+        ref = group.reference
+        prev = ref  # look-forward-twice: the undetached refined reference of the previous layer
+        logits, boxes, hidden, refs = [], [], [], []
+        for lid, layer in enumerate(self.decoder.layers):
+            scale = torch.cat([vr, vr], -1) if ref.shape[-1] == 4 else vr
+            x = layer(x, pos, ref[:, :, None] * scale[:, None], memory.memory, inputs.spatial_shapes,
+                      inputs.padding_mask, group.self_attn_mask)
+            delta = self.box_head(lid)(x)
+            logits.append(self.class_head(lid)(x))
+            hidden.append(x)
+            refs.append(ref)
+            if self.with_box_refine:
+                new_ref = _apply_delta(delta, ref).sigmoid()
+                box = _apply_delta(delta, prev).sigmoid() if self.look_forward_twice else new_ref
+                prev, ref = new_ref, new_ref.detach()
+            else:
+                box = _apply_delta(delta, ref).sigmoid()
+            boxes.append(box)
+        return DecoderOutputs(logits=torch.stack(logits), boxes=torch.stack(boxes), hidden=torch.stack(hidden),
+                              references=_stack_refs(refs))
+
+
+# ---------------------------------------------------------------------- helpers
+class _Stack(nn.Module):
+    """Holds ``layers`` (keeps the ``encoder.layers.{i}`` key layout)."""
+
+    def __init__(self, layers) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+
+def _valid_ratio(mask: Tensor) -> Tensor:
+    """(B, H, W) padding mask -> (B, 2) (w, h) fraction of the map covered by the image (official formula)."""
+    _, h, w = mask.shape
+    valid_h = (~mask[:, :, 0]).sum(1).float() / h
+    valid_w = (~mask[:, 0, :]).sum(1).float() / w
+    return torch.stack([valid_w, valid_h], -1)
+
+
+def _encoder_reference_points(shapes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
+    """Token centres of every level in valid-image coordinates, scaled to every level: (B, S, L, 2) (x, y)."""
+    dev, dt = valid_ratios.device, valid_ratios.dtype
+    refs = []
+    for lvl, (h, w) in enumerate(shapes):
+        ys, xs = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=dt, device=dev),
+                                torch.linspace(0.5, w - 0.5, w, dtype=dt, device=dev), indexing="ij")
+        ry = ys.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
+        rx = xs.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
+        refs.append(torch.stack((rx, ry), -1))
+    return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]
+
+
+def _grid_proposals(padding_mask: Tensor, shapes: list[tuple[int, int]], dtype: torch.dtype
+                    ) -> tuple[Tensor, Tensor]:
+    """Base proposal per token: centre ``(i+0.5)/valid``, size ``0.05 * 2**lvl``, in logit space.
+
+    Returns ``(proposals_unact (B, S, 4), valid (B, S))``; invalid = padding or any coordinate outside
+    (0.01, 0.99), where the proposal is +inf.
+    """
+    b = padding_mask.shape[0]
+    dev = padding_mask.device
+    out, start = [], 0
+    for lvl, (h, w) in enumerate(shapes):
+        m = padding_mask[:, start:start + h * w].view(b, h, w)
+        valid_h = (~m[:, :, 0]).sum(1)
+        valid_w = (~m[:, 0, :]).sum(1)
+        gy, gx = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=torch.float32, device=dev),
+                                torch.linspace(0, w - 1, w, dtype=torch.float32, device=dev), indexing="ij")
+        grid = torch.cat([gx.unsqueeze(-1), gy.unsqueeze(-1)], -1)
+        scale = torch.cat([valid_w.unsqueeze(-1), valid_h.unsqueeze(-1)], 1).view(b, 1, 1, 2)
+        grid = (grid.unsqueeze(0).expand(b, -1, -1, -1) + 0.5) / scale
+        wh = torch.ones_like(grid) * 0.05 * (2.0 ** lvl)
+        out.append(torch.cat((grid, wh), -1).view(b, -1, 4))
+        start += h * w
+    props = torch.cat(out, 1)
+    valid = ((props > 0.01) & (props < 0.99)).all(-1) & ~padding_mask
+    props = torch.log(props / (1 - props)).masked_fill(~valid.unsqueeze(-1), float("inf"))
+    return props.to(dtype), valid
+
+
+def _apply_delta(delta: Tensor, ref: Tensor) -> Tensor:
+    """``delta + inverse_sigmoid(ref)`` on all 4 coordinates (4-D refs) or only on (x, y) (2-D refs)."""
+    if ref.shape[-1] == 4:
+        return delta + inverse_sigmoid(ref)
+    return torch.cat([delta[..., :2] + inverse_sigmoid(ref), delta[..., 2:]], -1)
+
+
+def _stack_refs(refs: list[Tensor]) -> Tensor:
+    """Stack per-layer references; when 2-D and 4-D references mix (one-stage + refine), 2-D ones are padded
+    with w = h = 0."""
+    if len({r.shape[-1] for r in refs}) > 1:
+        refs = [r if r.shape[-1] == 4 else torch.cat([r, r.new_zeros(r.shape)], -1) for r in refs]
+    return torch.stack(refs)
+
+
+def build(cfg: DeformableDETRConfig) -> DeformableDETR:
+    """Build the variant; shared fields left unset fall back to Deformable-DETR defaults (num_classes is required)."""
+    update = {k: v for k, v in _SHARED_FALLBACKS.items() if getattr(cfg, k) is None}
+    if cfg.num_queries is None and cfg.preset in _PRESET_NUM_QUERIES:
+        update["num_queries"] = _PRESET_NUM_QUERIES[cfg.preset]
+    if cfg.num_classes is None:
+        raise ValueError("DeformableDETRConfig.num_classes is not set")
+    if update:
+        cfg = DeformableDETRConfig.model_validate({**cfg.model_dump(), **update})
+    return DeformableDETR(cfg)
+
+
+COMPONENT = Component(config=DeformableDETRConfig, build=build,
+                      summary="Deformable-DETR (+box refine, +two-stage, ++ mixed selection / look-forward-twice)")

@@ -1,0 +1,59 @@
+"""Locating and loading the official reference fixtures (``shared/reference-outputs``).
+
+The fixtures directory is ``$CODETR_REFERENCE_OUTPUTS`` or, by default, ``<repo>/../shared/reference-outputs``.
+Tests that need a fixture call :func:`reference_dir` which ``pytest.skip``s with the reason when it is absent.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ENV_VAR = "CODETR_REFERENCE_OUTPUTS"
+
+
+def reference_root() -> Path:
+    env = os.environ.get(ENV_VAR)
+    return Path(env).expanduser() if env else (REPO_ROOT.parent / "shared" / "reference-outputs")
+
+
+def reference_dir(name: str) -> Path:
+    """``<root>/<name>``, or ``pytest.skip`` when it does not exist."""
+    root = reference_root()
+    path = root / name
+    if not path.is_dir():
+        _skip_or_fail(f"reference fixtures {name!r} not found at {path} "
+                      f"(set {ENV_VAR} to the reference-outputs directory)")
+    return path
+
+
+def _skip_or_fail(reason: str) -> None:
+    """Skip on a user's clone; fail under CI (``CODETR_REQUIRE_REFERENCE=1``), where parity must run."""
+    if os.environ.get("CODETR_REQUIRE_REFERENCE") == "1":
+        pytest.fail(f"{reason} [CODETR_REQUIRE_REFERENCE=1: parity tests may not be skipped]", pytrace=False)
+    pytest.skip(reason)
+
+
+@functools.lru_cache(maxsize=4)
+def load_safetensors_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """float16-container safetensors -> float32 state dict (integers kept). Cached: do not mutate."""
+    try:
+        import safetensors.torch as st
+    except ImportError:
+        _skip_or_fail("pip install safetensors to run parity tests")
+    return {k: v.float() if v.is_floating_point() else v for k, v in st.load_file(str(path)).items()}
+
+
+@functools.lru_cache(maxsize=4)
+def load_int8exact_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """``{'q', 'exp2', 'nonfloat'}`` int8 x 2^exp2 container -> float32 state dict (lossless). Cached: do not
+    mutate."""
+    blob = torch.load(path, map_location="cpu")
+    sd = {k: blob["q"][k].float() * 2.0 ** blob["exp2"][k] for k in blob["q"]}
+    sd.update(blob.get("nonfloat", {}))
+    return sd

@@ -176,13 +176,14 @@ def init_distributed(device: str = "auto", timeout: _dt.timedelta | None = None)
         raise DistributedError("WORLD_SIZE is set but RANK is not: launch with torchrun (sets both) or srun")
     if local is None:
         local = rank % max(torch.cuda.device_count(), 1)
-    os.environ.setdefault("RANK", str(rank))
-    os.environ.setdefault("WORLD_SIZE", str(world))
-    os.environ.setdefault("LOCAL_RANK", str(local))
     if "MASTER_ADDR" not in os.environ:
         raise DistributedError(
             "MASTER_ADDR is not set. Under torchrun it is set for you; under Slurm export the first host, e.g. "
             "`export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1)` in the batch script")
+    # the data loaders resolve rank/world from these too (Slurm-only launches do not export them)
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("LOCAL_RANK", str(local))
     os.environ.setdefault("MASTER_PORT", "29500")
     dev = resolve_device(device, local)
     backend = "nccl" if dev.type == "cuda" else "gloo"

@@ -60,3 +60,15 @@ def test_ddp_unused_parameter_error_names_them():
     assert isinstance(err, du.UnusedParametersError)
     assert "1.bias" in str(err) and "zero-weight loss" in str(err)
     assert du.explain_ddp_error(RuntimeError("CUDA out of memory"), model) is None
+
+
+def test_failed_launch_leaves_the_environment_alone(monkeypatch):
+    import os
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    with pytest.raises(du.DistributedError):
+        du.init_distributed("cpu")
+    assert "WORLD_SIZE" not in os.environ and "RANK" not in os.environ

@@ -207,3 +207,28 @@ def test_mixed_precision_runs_on_cpu(synth_data, tmp_path, precision):
     assert (state["scaler"] is not None) == (precision == "fp16")
     if precision == "fp16":
         assert "loss_scale" in rows[0]
+
+
+def test_epoch_schedule_eval_per_epoch_and_init_from(synth_data, tmp_path, monkeypatch):
+    # weights of another "dataset" (different class count): the head is reshaped/skipped, the rest loads
+    other = FakeDetector(num_classes=3)
+    torch.save({"model": other.state_dict()}, tmp_path / "pretrained.pt")
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda flag, warn_only=False: calls.append((flag, warn_only)))
+    console = quiet_console()
+    recipe = make_recipe(synth_data, tmp_path / "ep", model={"init_from": str(tmp_path / "pretrained.pt")},
+                         schedule={"epochs": 2, "milestones": [1], "iterations": None}, eval={"period": 1},
+                         runtime={"deterministic": True, "log_period": 100})
+    trainer = Trainer(recipe, model_factory=fake_factory(), console=console)
+    assert calls == [(True, True)]
+    assert torch.equal(trainer.model.conv.weight, other.conv.weight)
+    text = " ".join(console_text(console).split())
+    assert "reshaped / skipped" in text and "head.weight [7, 8]→[10, 8]" in text
+    result = trainer.fit()
+    assert result["iteration"] == 12 and trainer.epoch == 2
+    evals = _records(tmp_path / "ep" / "metrics.jsonl", "eval")
+    assert [(r["iteration"], r["epoch"]) for r in evals] == [(6, 0), (12, 1)]
+    assert [r["iteration"] for r in _records(tmp_path / "ep" / "metrics.jsonl", "train")] == [12]  # + the final one
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.1)  # milestone at epoch 1
+    names = sorted(p.name for p in (tmp_path / "ep" / "checkpoints").iterdir())
+    assert "iter_00000006.pt" in names and "iter_00000012.pt" in names  # one per epoch end

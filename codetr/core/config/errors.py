@@ -51,6 +51,11 @@ _MESSAGES = {
 }
 
 
+def _num(value: Any) -> Any:
+    """0.0 -> 0 in messages (bounds are written as ints in recipes)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -76,7 +81,7 @@ def issues_from_validation(err: ValidationError, suggest: "callable | None" = No
             continue
         if kind in _MESSAGES:
             try:
-                msg = _MESSAGES[kind].format(**ctx)
+                msg = _MESSAGES[kind].format(**{k: _num(v) for k, v in ctx.items()})
             except KeyError:
                 msg = e["msg"]
         elif kind in ("value_error", "assertion_error"):

@@ -1,0 +1,94 @@
+"""codetr.data: COCO -> webdataset shards, synthetic data, transforms, DDP-safe loaders.
+
+Flow: ``shards -> decode -> transforms -> collate -> Batch`` (see :mod:`codetr.data.loader`).
+
+=====================  =========================================================================
+module                 what
+=====================  =========================================================================
+``format``             on-disk format (shards + ``index.json``), pydantic models, ``DataError``
+``coco``               COCO json validation shared by the converter and the folder dataset
+``convert``            ``convert_coco``: COCO json + images -> shards (parallel, streaming)
+``synth``              ``make_synthetic``: deterministic synthetic shapes dataset (COCO json + images)
+``transforms``         detection transforms + ``TransformsConfig`` / ``build_transforms``
+``collate``            ``Sample`` and ``collate`` -> ``Batch``
+``loader``             ``ShardLoader`` / ``CocoFolderLoader`` / ``build_loader`` / ``DataSourceConfig``
+``inspect``            shard statistics and rendered samples
+``cli``                ``codetr data convert|synth|inspect``
+=====================  =========================================================================
+
+Attributes are imported lazily so that light consumers (e.g. converter worker processes) do not
+import torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+try:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        __version__ = version("codetr")
+    except PackageNotFoundError:  # running from a source tree
+        __version__ = "0+unknown"
+except ImportError:  # pragma: no cover
+    __version__ = "0+unknown"
+
+_EXPORTS: dict[str, str] = {
+    # format
+    "DataError": "format",
+    "DatasetIndex": "format",
+    "SampleMeta": "format",
+    "CategoryInfo": "format",
+    "ShardInfo": "format",
+    "ConversionCounts": "format",
+    "load_index": "format",
+    "save_index": "format",
+    "INDEX_FILENAME": "format",
+    "FORMAT_VERSION": "format",
+    # coco / convert / synth
+    "prepare_coco": "coco",
+    "convert_coco": "convert",
+    "ConversionReport": "convert",
+    "make_synthetic": "synth",
+    "make_synthetic_splits": "synth",
+    "SYNTH_CATEGORIES": "synth",
+    # transforms
+    "TransformsConfig": "transforms",
+    "build_transforms": "transforms",
+    "TransformPipeline": "transforms",
+    # collate
+    "Sample": "collate",
+    "collate": "collate",
+    "PADDING_IMAGE_ID": "collate",
+    # loader
+    "DataSourceConfig": "loader",
+    "CocoSourceConfig": "loader",
+    "build_loader": "loader",
+    "source_categories": "loader",
+    "DetectionLoader": "loader",
+    "ShardLoader": "loader",
+    "CocoFolderDataset": "loader",
+    "CocoFolderLoader": "loader",
+    "DatasetInfo": "loader",
+    "resolve_rank_world": "loader",
+    # inspect
+    "inspect_shards": "inspect",
+    "render_samples": "inspect",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'codetr.data' has no attribute {name!r}")
+    value = getattr(import_module(f"codetr.data.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -24,7 +24,8 @@ def show(
 
     with user_errors():
         resolved = load(recipe, set_, read_data=not no_data)
-    console.print(Syntax(recipe_to_yaml(resolved), "yaml", theme="ansi_dark", background_color="default"))
+    console.print(Syntax(recipe_to_yaml(resolved), "yaml", theme="ansi_dark", background_color="default",
+                         word_wrap=True))
 
 
 @app.command("validate")

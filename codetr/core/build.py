@@ -56,7 +56,7 @@ def build_detector(cfg: ModelConfig) -> Detector:
             "neck.num_extra_levels or model.num_levels")
     variant = registry.build("variants", cfg.variant)
     criterion = SetCriterion(cfg.criterion)
-    post = partial(postprocess, topk=cfg.test.topk)
+    post = partial(postprocess, topk=cfg.test.topk, soft_nms=cfg.test.soft_nms)
     return Detector(backbone, neck, variant, criterion, post, num_classes=cfg.num_classes,
                     collaborative=_build_collaborative(cfg), eval_module=cfg.co_detr.eval_module,
                     score_threshold=cfg.test.score_threshold)

@@ -7,6 +7,9 @@ criterion, plus (for Co-DETR) K auxiliary heads, the multi-scale adapter and a q
                                                └─adapter─> pyramid ─aux heads─> losses + PositiveCoords
                                                                         └─query encoder─> aux groups ─decode─> losses
 
+A jointly decoded group (DINO: denoising + matching queries) is split back into its parts by
+``variant.split_outputs``: the "main" part goes to the criterion, the others to ``variant.group_loss``.
+
 ``loss(batch)`` returns a flat dict of already-weighted loss terms (the engine sums them);
 ``predict(batch)`` returns :class:`~codetr.core.structures.Detections` in the original image frame.
 Only the DETR branch runs at inference (unless ``eval_module`` selects an aux head for analysis).
@@ -87,10 +90,11 @@ class Detector(nn.Module):
         losses: dict[str, Tensor] = {}
         for group in groups:
             outputs = self.variant.decode(group, memory)
-            if group.name == "main":
-                losses.update(self.criterion(outputs, batch, memory.extras))
-            else:
-                losses.update(self.variant.group_loss(group, outputs, batch, self.criterion))
+            for part, part_out in self.variant.split_outputs(group, outputs):
+                if part.name == "main":
+                    losses.update(self.criterion(part_out, batch, memory.extras))
+                else:
+                    losses.update(self.variant.group_loss(part, part_out, batch, self.criterion))
         if self.collaborative is not None:
             losses.update(self.collaborative.loss(memory, batch, self.variant, self.criterion))
         return losses
@@ -104,7 +108,8 @@ class Detector(nn.Module):
             dets = [rescale_detections(d, s, o) for d, s, o in zip(dets, batch.image_sizes, batch.orig_sizes)]
         else:
             main = self.variant.make_queries(memory, None)[0]
-            out = self.variant.decode(main, memory)
+            parts = self.variant.split_outputs(main, self.variant.decode(main, memory))
+            out = next(o for p, o in parts if p.name == "main")
             dets = self.postprocess(out, batch.image_sizes, batch.orig_sizes)
         if self.score_threshold > 0:
             dets = [d.filter(d.scores >= self.score_threshold) for d in dets]

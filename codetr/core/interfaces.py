@@ -328,17 +328,34 @@ class DETRVariant(nn.Module, ABC):
 
     @abstractmethod
     def make_queries(self, memory: Memory, batch: Batch | None) -> list[QueryGroup]:
-        """The one-to-one queries ("main"); during training also denoising groups ("dn")."""
+        """The one-to-one queries ("main"); during training also denoising groups ("dn").
+
+        Queries that must see each other in self-attention are decoded *together*: a variant may return
+        one group that carries several logical parts (e.g. DINO: the denoising queries in front of the
+        matching queries, with the DN attention mask in ``self_attn_mask`` and the DN metadata in
+        ``extras``) and split its outputs with :meth:`split_outputs`. The first group is always the one
+        holding the "main" queries; with ``batch=None`` (inference) only "main" is returned.
+        """
 
     @abstractmethod
     def decode(self, group: QueryGroup, memory: Memory) -> DecoderOutputs:
         """Decode one query group with the shared decoder and prediction heads."""
 
+    def split_outputs(self, group: QueryGroup, outputs: DecoderOutputs) -> list[tuple[QueryGroup, DecoderOutputs]]:
+        """Split the outputs of a jointly decoded group into its logical parts ``(part, outputs)``.
+
+        The default is the group itself. DINO returns ``[(dn part, dn outputs), (main part, main outputs)]``
+        for a group decoded with its denoising queries. The detector sends a part named "main" to the set
+        criterion and any other part to :meth:`group_loss`.
+        """
+        return [(group, outputs)]
+
     def group_loss(self, group: QueryGroup, outputs: DecoderOutputs, batch: Batch, criterion: nn.Module
                    ) -> dict[str, Tensor]:
-        """Losses of an extra group this variant made in ``make_queries`` (e.g. DINO's denoising group).
+        """Losses of an extra group (or group part, see :meth:`split_outputs`) this variant made in
+        ``make_queries`` (e.g. DINO's denoising part "dn").
 
-        The "main" group is handled by the detector's criterion; variants without extra groups never
+        The "main" part is handled by the detector's criterion; variants without extra groups never
         get here.
         """
         raise NotImplementedError(f"{type(self).__name__} made query group {group.name!r} but defines no loss for it")

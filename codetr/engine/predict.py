@@ -56,17 +56,40 @@ def class_info(recipe: "Recipe", checkpoint_state: dict[str, Any] | None, num_cl
         src = getattr(recipe.data, split, None)
         if src is None:
             continue
-        try:
-            from codetr.data.loader import source_categories  # type: ignore[attr-defined]
-
-            cats = source_categories(src)
-        except Exception:  # noqa: BLE001 - data unavailable at inference time is fine
-            cats = None
+        cats = _source_categories(src)
         if cats:
             names = [str(c["name"] if isinstance(c, dict) else c.name) for c in cats]
             ids = [int(c["id"] if isinstance(c, dict) else c.id) for c in cats]
             return names, ids
     return [f"class_{i}" for i in range(num_classes)], list(range(num_classes))
+
+
+def _source_categories(src: Any) -> list[Any] | None:
+    """Categories of a data source in contiguous-label order, or ``None`` (data not reachable here).
+
+    Uses ``codetr.data.loader.source_categories`` when the data package provides it; otherwise reads the
+    index (``index`` sources) or the COCO json (``coco`` sources) through codetr.data's own validation.
+    """
+    try:
+        from codetr.data import loader as data_loader
+
+        fn = getattr(data_loader, "source_categories", None)
+        if fn is not None:
+            return fn(src)
+        if getattr(src, "index", None) is not None:
+            from codetr.data.format import load_index
+
+            return list(load_index(src.index)[0].categories)
+        if getattr(src, "coco", None) is not None:
+            import json as _json
+
+            from codetr.data.format import category_mapping
+
+            data = _json.loads(Path(src.coco.ann_file).read_text(encoding="utf-8"))
+            return list(category_mapping(data["categories"])[0])
+    except Exception:  # noqa: BLE001 - inference must work without the training data
+        return None
+    return None
 
 
 def _eval_pipeline(recipe: "Recipe"):

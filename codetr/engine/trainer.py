@@ -337,7 +337,6 @@ class Trainer:
 
         # -- data -----------------------------------------------------------------------------------
         lf = loader_factory or _default_loader_factory
-        self._loader_factory = lf
         self.train_loader = None
         self.val_loader = None
         if train:
@@ -349,6 +348,9 @@ class Trainer:
 
         # -- weights-only initialisation ------------------------------------------------------------
         resume_path = self._resolve_resume(resume) if train else None
+        if train and resume_path is None and latest_checkpoint(self.output_dir) is not None:
+            self._say(f"[yellow]warning:[/] {self.ckpt_dir} already holds checkpoints of an earlier run; this fresh run "
+                      "will overwrite them (use --resume auto to continue it, or another --output-dir)")
         if weights is not None:
             self._load_eval_weights(weights)
         elif recipe.model.init_from is not None and resume_path is None:
@@ -369,13 +371,14 @@ class Trainer:
             self._build_training()
             if resume_path is not None:
                 self._resume(resume_path)
-        # training randomness differs per rank (dropout, DN noise); resumed runs overwrite it below
+        # training randomness differs per rank (dropout, DN noise); a resumed run restores its saved streams
         if self._pending_rng is None:
-            _seed_all(rt.seed + self.rank)
+            _seed_all(self._reseed if self._reseed is not None else rt.seed + self.rank)
 
     # ------------------------------------------------------------------ setup
     _pending_rng: Mapping[str, Any] | None = None
     _pending_data_state: Any = None
+    _reseed: int | None = None
 
     def _say(self, msg: Any, **kw: Any) -> None:
         if self.is_main:
@@ -388,16 +391,25 @@ class Trainer:
             raise ValueError(f"eval.metric={ev.metric!r} is not a COCO stat; use one of {', '.join(sorted(allowed))}")
 
     def _resolve_resume(self, resume: str | os.PathLike[str] | None) -> Path | None:
+        """The checkpoint to resume from, decided on rank 0 and shared, so every rank resumes the same one."""
         if resume is None:
             return None
         if str(resume) == "auto":
-            found = latest_checkpoint(self.output_dir)
+            found = latest_checkpoint(self.output_dir) if self.is_main else None
+            found = du.broadcast_object(None if found is None else str(found))
             if found is None:
                 self._say(f"[dim]--resume auto: no checkpoint in {self.ckpt_dir}, starting a fresh run[/]")
-            return found
-        path = Path(resume)
-        if not path.is_file():
-            raise FileNotFoundError(f"--resume {path}: no such checkpoint")
+                return None
+            path = Path(found)
+        else:
+            path = Path(resume)
+        visible = du.all_gather_object(path.is_file())
+        if not all(visible):
+            if not visible[0]:
+                raise FileNotFoundError(f"--resume {path}: no such checkpoint")
+            missing = [r for r, ok in enumerate(visible) if not ok]
+            raise FileNotFoundError(f"--resume {path}: the checkpoint is not visible on rank(s) {missing}; the output "
+                                    "directory must be on a filesystem shared by all nodes")
         return path
 
     def _load_eval_weights(self, path: str | os.PathLike[str]) -> None:
@@ -413,7 +425,7 @@ class Trainer:
             self._say(f"[green]loaded[/] {len(report.loaded)} tensors from {path}")
 
     def _build_training(self) -> None:
-        rt, optim_cfg = self.recipe.runtime, self.recipe.optim
+        optim_cfg = self.recipe.optim
         n_batches = len(self.train_loader)
         if n_batches < 1:
             raise ValueError("the training loader yields no batch (empty dataset or batch larger than the data?)")
@@ -477,7 +489,13 @@ class Trainer:
             best=self.best,
             counters={"bad_steps": self.bad_steps_total, "amp_overflows": self.amp_overflows},
             classes=self._classes(),
+            layout=self._layout(),
         )
+
+    def _layout(self) -> dict[str, int]:
+        """What the data position depends on; a resumed run with another layout restarts at an epoch start."""
+        return {"world_size": self.world_size, "batches_per_epoch": self.batches_per_epoch,
+                "accumulate_steps": self.accumulate}
 
     def _classes(self) -> dict[str, list] | None:
         """Class names and category ids of the data (stored in checkpoints for ``codetr predict``)."""
@@ -532,20 +550,25 @@ class Trainer:
             self._say("[yellow]warning:[/] the recipe differs from the one the checkpoint was trained with; "
                       "the optimizer, schedule position and data position are restored anyway "
                       "(diff: codetr config show vs the 'recipe' entry of the checkpoint)")
-        if self.iteration and self.batch_in_epoch >= self.batches_per_epoch:
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        saved_world = int(state.get("world_size", self.world_size))
+        layout = state.get("layout") or self._layout()
+        if self.batch_in_epoch >= int(layout.get("batches_per_epoch", self.batches_per_epoch)):
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0  # saved at the end of an epoch
         rngs = state.get("rng") or []
         datas = ((state.get("data") or {}).get("train")) or []
-        if saved_world == self.world_size and len(rngs) == self.world_size:
+        if layout == self._layout() and len(rngs) == self.world_size:
             self._pending_rng = rngs[self.rank]
+            if datas and self.batch_in_epoch:
+                self._pending_data_state = datas[self.rank]
         else:
-            self._say(f"[yellow]warning:[/] checkpoint written with world size {saved_world}, now {self.world_size}: "
-                      "RNG streams are re-seeded and the data position is converted (not bit-exact)")
-            self._pending_rng = None
-            _seed_all(self.recipe.runtime.seed + self.rank + 1000003 * self.iteration)
-        if datas:
-            self._pending_data_state = datas[self.rank] if self.rank < len(datas) else datas[0]
+            changed = ", ".join(f"{k} {layout.get(k)} -> {v}" for k, v in self._layout().items() if layout.get(k) != v)
+            skip = (f"; the rest of epoch {self.epoch} is skipped (resumed at the start of epoch {self.epoch + 1})"
+                    if self.batch_in_epoch else "")
+            self._say(f"[yellow]warning:[/] the training layout changed since the checkpoint ({changed}): RNG streams "
+                      f"are re-seeded, so the run is no longer bit-reproducible{skip}. The iteration counter and the "
+                      "LR schedule continue unchanged")
+            if self.batch_in_epoch:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            self._reseed = self.recipe.runtime.seed + self.rank + 1_000_003 * self.iteration
         self._say(f"[green]resumed[/] from {path}: iteration {self.iteration}/{self.total_iters}, epoch {self.epoch}, "
                   f"batch {self.batch_in_epoch}/{self.batches_per_epoch} of the epoch, lr {self._lr():.3g}")
         self._log_json({"type": "resume", "iteration": self.iteration, "epoch": self.epoch, "from": str(path)})

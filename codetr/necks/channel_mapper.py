@@ -12,6 +12,12 @@ Submodule names equal mmdet's (``convs.{i}.conv``, ``convs.{i}.gn``, ``extra_con
 Init (no weights loaded): xavier-uniform conv weights, GN weight 1 / bias 0 -- the values the official
 Co-Deformable-DETR build produces (its ``init_stats.json``: conv weights uniform in
 ``+-sqrt(6 / (fan_in + fan_out))``).
+
+``conv_bias: true`` gives every conv a bias *in front of* the GroupNorm. The original Deformable-DETR repository
+and HuggingFace ``DeformableDetr`` (``input_proj.{i}.0.bias``) have that bias; a per-channel bias before GN is
+not removed by the normalisation (it shifts each channel relative to its group's mean and changes the group
+variance), so it cannot be folded into the conv weight or the GN affine: loading such checkpoints exactly
+needs the option (see :mod:`codetr.convert.hf`). Zero-initialised when no weights are loaded.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ class ChannelMapperConfig(ComponentConfig):
         norm: "gn" (GroupNorm, the official setting; convs without bias) or "none" (convs with bias).
         norm_groups: GroupNorm groups (32).
         kernel_size: kernel of the per-level projection convs (1; odd sizes use "same" padding).
+        conv_bias: conv bias; None = automatic (bias only without a norm, mmcv ``bias='auto'``, the official
+            Co-DETR / mmdet layout); True = bias also in front of GN (original Deformable-DETR / HF layout).
     """
 
     type: Literal["channel_mapper"] = "channel_mapper"
@@ -45,6 +53,7 @@ class ChannelMapperConfig(ComponentConfig):
     norm: Literal["gn", "none"] = "gn"
     norm_groups: int = 32
     kernel_size: int = 1
+    conv_bias: bool | None = None
 
     @field_validator("num_extra_levels")
     @classmethod
@@ -64,11 +73,12 @@ class ChannelMapperConfig(ComponentConfig):
 class ConvNorm(nn.Module):
     """Conv2d followed by an optional GroupNorm (mmcv ``ConvModule`` without activation)."""
 
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int, norm: str, groups: int) -> None:
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int, norm: str, groups: int,
+                 bias: bool | None = None) -> None:
         super().__init__()
         with_norm = norm == "gn"
         self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride=stride, padding=kernel_size // 2,
-                              bias=not with_norm)
+                              bias=(not with_norm) if bias is None else bias)
         self.gn = nn.GroupNorm(groups, out_ch) if with_norm else None
         nn.init.xavier_uniform_(self.conv.weight)
         if self.conv.bias is not None:
@@ -88,7 +98,8 @@ class ChannelMapper(nn.Module):
     """
 
     def __init__(self, in_channels: list[int], in_strides: list[int] | None, hidden_dim: int,
-                 num_extra_levels: int = 1, norm: str = "gn", norm_groups: int = 32, kernel_size: int = 1) -> None:
+                 num_extra_levels: int = 1, norm: str = "gn", norm_groups: int = 32, kernel_size: int = 1,
+                 conv_bias: bool | None = None) -> None:
         super().__init__()
         if not in_channels:
             raise ValueError("ChannelMapper needs at least one input level")
@@ -98,9 +109,10 @@ class ChannelMapper(nn.Module):
             raise ValueError(f"hidden_dim {hidden_dim} is not divisible by norm_groups {norm_groups}")
         self.in_channels = list(in_channels)
         self.hidden_dim = hidden_dim
-        self.convs = nn.ModuleList(ConvNorm(c, hidden_dim, kernel_size, 1, norm, norm_groups) for c in in_channels)
+        self.convs = nn.ModuleList(ConvNorm(c, hidden_dim, kernel_size, 1, norm, norm_groups, conv_bias)
+                                   for c in in_channels)
         self.extra_convs = nn.ModuleList(
-            ConvNorm(in_channels[-1] if j == 0 else hidden_dim, hidden_dim, 3, 2, norm, norm_groups)
+            ConvNorm(in_channels[-1] if j == 0 else hidden_dim, hidden_dim, 3, 2, norm, norm_groups, conv_bias)
             for j in range(num_extra_levels))
         n_out = len(in_channels) + num_extra_levels
         self.out_channels: list[int] = [hidden_dim] * n_out
@@ -143,7 +155,7 @@ def build_channel_mapper(cfg: ChannelMapperConfig, in_channels: list[int],
                          "hidden_dim (or set it explicitly when building the neck by hand)")
     return ChannelMapper(list(in_channels), None if in_strides is None else list(in_strides), cfg.hidden_dim,
                          num_extra_levels=cfg.num_extra_levels, norm=cfg.norm, norm_groups=cfg.norm_groups,
-                         kernel_size=cfg.kernel_size)
+                         kernel_size=cfg.kernel_size, conv_bias=cfg.conv_bias)
 
 
 COMPONENT = Component(

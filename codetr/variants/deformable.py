@@ -42,7 +42,9 @@ from codetr.core.registry import Component, ComponentConfig
 from codetr.core.structures import Batch
 from codetr.ops.msda import MultiScaleDeformableAttention
 from codetr.ops.position import SinePositionalEncoding, sine_box_embedding
-from codetr.variants.layers import MLP, DeformableDecoderLayer, DeformableEncoderLayer, inverse_sigmoid
+from codetr.variants.layers import (MLP, DeformableDecoderLayer, DeformableEncoderLayer, LayerStack,
+                                    encoder_reference_points, flatten_levels, grid_proposals, inverse_sigmoid,
+                                    run_encoder, valid_ratio)
 
 __all__ = ["PRESETS", "DeformableDETRConfig", "DeformableDETR", "build", "COMPONENT"]
 
@@ -228,28 +230,11 @@ class DeformableDETR(DETRVariant):
     def prepare(self, levels: list[Tensor], masks: list[Tensor], strides: list[int]) -> EncoderInputs:
         if len(levels) != self.num_levels:
             raise ValueError(f"DeformableDETR was built for {self.num_levels} levels, got {len(levels)}")
-        feats, pos, pads, shapes, ratios = [], [], [], [], []
-        for lvl, (x, mask) in enumerate(zip(levels, masks)):
-            b, c, h, w = x.shape
-            shapes.append((int(h), int(w)))
-            p = self.positional_encoding(mask).to(x.dtype) + self.level_embed[lvl].view(1, c, 1, 1)
-            feats.append(x.flatten(2).transpose(1, 2))
-            pos.append(p.flatten(2).transpose(1, 2))
-            pads.append(mask.flatten(1))
-            ratios.append(_valid_ratio(mask))
-        sizes = torch.tensor([h * w for h, w in shapes], dtype=torch.int64, device=levels[0].device)
-        level_start = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
-        return EncoderInputs(
-            feats=torch.cat(feats, 1), pos=torch.cat(pos, 1), padding_mask=torch.cat(pads, 1),
-            spatial_shapes=shapes, level_start=level_start, valid_ratios=torch.stack(ratios, 1).to(levels[0].dtype),
-            strides=list(strides))
+        return flatten_levels(levels, masks, strides, self.positional_encoding, self.level_embed)
 
     # ------------------------------------------------------------------ encode
     def encode(self, inputs: EncoderInputs) -> Memory:
-        ref = _encoder_reference_points(inputs.spatial_shapes, inputs.valid_ratios)
-        x = inputs.feats
-        for layer in self.encoder.layers:
-            x = layer(x, inputs.pos, ref, inputs.spatial_shapes, inputs.padding_mask)
+        x = run_encoder(self.encoder.layers, inputs)
         memory = Memory(memory=x, inputs=inputs)
         if self.two_stage:
             memory.extras.update(self._proposals(x, inputs))
@@ -332,61 +317,11 @@ class DeformableDETR(DETRVariant):
 
 
 # ---------------------------------------------------------------------- helpers
-class _Stack(nn.Module):
-    """Holds ``layers`` (keeps the ``encoder.layers.{i}`` key layout)."""
-
-    def __init__(self, layers) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-
-
-def _valid_ratio(mask: Tensor) -> Tensor:
-    """(B, H, W) padding mask -> (B, 2) (w, h) fraction of the map covered by the image (official formula)."""
-    _, h, w = mask.shape
-    valid_h = (~mask[:, :, 0]).sum(1).float() / h
-    valid_w = (~mask[:, 0, :]).sum(1).float() / w
-    return torch.stack([valid_w, valid_h], -1)
-
-
-def _encoder_reference_points(shapes: list[tuple[int, int]], valid_ratios: Tensor) -> Tensor:
-    """Token centres of every level in valid-image coordinates, scaled to every level: (B, S, L, 2) (x, y)."""
-    dev, dt = valid_ratios.device, valid_ratios.dtype
-    refs = []
-    for lvl, (h, w) in enumerate(shapes):
-        ys, xs = torch.meshgrid(torch.linspace(0.5, h - 0.5, h, dtype=dt, device=dev),
-                                torch.linspace(0.5, w - 0.5, w, dtype=dt, device=dev), indexing="ij")
-        ry = ys.reshape(-1)[None] / (valid_ratios[:, None, lvl, 1] * h)
-        rx = xs.reshape(-1)[None] / (valid_ratios[:, None, lvl, 0] * w)
-        refs.append(torch.stack((rx, ry), -1))
-    return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]
-
-
-def _grid_proposals(padding_mask: Tensor, shapes: list[tuple[int, int]], dtype: torch.dtype
-                    ) -> tuple[Tensor, Tensor]:
-    """Base proposal per token: centre ``(i+0.5)/valid``, size ``0.05 * 2**lvl``, in logit space.
-
-    Returns ``(proposals_unact (B, S, 4), valid (B, S))``; invalid = padding or any coordinate outside
-    (0.01, 0.99), where the proposal is +inf.
-    """
-    b = padding_mask.shape[0]
-    dev = padding_mask.device
-    out, start = [], 0
-    for lvl, (h, w) in enumerate(shapes):
-        m = padding_mask[:, start:start + h * w].view(b, h, w)
-        valid_h = (~m[:, :, 0]).sum(1)
-        valid_w = (~m[:, 0, :]).sum(1)
-        gy, gx = torch.meshgrid(torch.linspace(0, h - 1, h, dtype=torch.float32, device=dev),
-                                torch.linspace(0, w - 1, w, dtype=torch.float32, device=dev), indexing="ij")
-        grid = torch.cat([gx.unsqueeze(-1), gy.unsqueeze(-1)], -1)
-        scale = torch.cat([valid_w.unsqueeze(-1), valid_h.unsqueeze(-1)], 1).view(b, 1, 1, 2)
-        grid = (grid.unsqueeze(0).expand(b, -1, -1, -1) + 0.5) / scale
-        wh = torch.ones_like(grid) * 0.05 * (2.0 ** lvl)
-        out.append(torch.cat((grid, wh), -1).view(b, -1, 4))
-        start += h * w
-    props = torch.cat(out, 1)
-    valid = ((props > 0.01) & (props < 0.99)).all(-1) & ~padding_mask
-    props = torch.log(props / (1 - props)).masked_fill(~valid.unsqueeze(-1), float("inf"))
-    return props.to(dtype), valid
+# kept under their historical private names
+_Stack = LayerStack
+_valid_ratio = valid_ratio
+_encoder_reference_points = encoder_reference_points
+_grid_proposals = grid_proposals
 
 
 def _apply_delta(delta: Tensor, ref: Tensor) -> Tensor:

@@ -170,7 +170,11 @@ def test_unused_parameters_are_named(synth_data, tmp_path):
 def test_sigterm_saves_and_resume_auto_continues(synth_data, tmp_path):
     import os
     import signal
+    import threading
 
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can only be installed from the main thread")
+    previous = signal.getsignal(signal.SIGTERM)
     sections = dict(val=False, schedule={"iterations": 5}, runtime={"seed": 9})
     full = Trainer(make_recipe(synth_data, tmp_path / "full", **sections), model_factory=fake_factory(),
                    console=quiet_console())
@@ -186,7 +190,7 @@ def test_sigterm_saves_and_resume_auto_continues(synth_data, tmp_path):
     first = Trainer(recipe, model_factory=lambda cfg: Preempted(cfg.num_classes), console=quiet_console())
     assert first.fit()["status"] == "preempted"
     assert first.iteration == 3 and (tmp_path / "pre" / "checkpoints" / "iter_00000003.pt").is_file()
-    assert signal.getsignal(signal.SIGTERM) is not None  # handler restored after fit
+    assert signal.getsignal(signal.SIGTERM) == previous  # handler restored after fit
     second = Trainer(recipe, resume="auto", model_factory=fake_factory(), console=quiet_console())
     assert second.fit()["status"] == "finished" and second.iteration == 5
     for k, v in full.model.state_dict().items():
@@ -232,3 +236,16 @@ def test_epoch_schedule_eval_per_epoch_and_init_from(synth_data, tmp_path, monke
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.1)  # milestone at epoch 1
     names = sorted(p.name for p in (tmp_path / "ep" / "checkpoints").iterdir())
     assert "iter_00000006.pt" in names and "iter_00000012.pt" in names  # one per epoch end
+
+
+def test_resume_with_another_layout_restarts_at_the_next_epoch(synth_data, tmp_path):
+    recipe = make_recipe(synth_data, tmp_path / "l", val=False, schedule={"iterations": 3})
+    Trainer(recipe, model_factory=fake_factory(), console=quiet_console()).fit()  # stops mid-epoch (3 of 6 batches)
+    console = quiet_console()
+    changed = make_recipe(synth_data, tmp_path / "l", val=False, schedule={"iterations": 6},
+                          optim={"accumulate_steps": 2})
+    trainer = Trainer(changed, resume="auto", model_factory=fake_factory(), console=console)
+    text = " ".join(console_text(console).split())
+    assert "accumulate_steps 1 -> 2" in text and "rest of epoch 0 is skipped" in text
+    assert (trainer.iteration, trainer.epoch, trainer.batch_in_epoch) == (3, 1, 0)
+    assert trainer.fit()["iteration"] == 6 and trainer.epoch == 2

@@ -228,21 +228,34 @@ def inject_shared(recipe: Recipe, source: str = "<recipe>") -> Recipe:
     return recipe.model_copy(update={"model": model})
 
 
-def _dataset_categories(recipe: Recipe) -> tuple[list[str] | None, str]:
-    """Category names of the training (else validation) data, and where they came from."""
+def _dataset_categories(recipe: Recipe, source: str) -> tuple[list[str] | None, str]:
+    """Category names of the training (else validation) data, and where they came from.
+
+    A dataset that is not on this machine is not an error while ``model.num_classes`` is given (the
+    recipe can be shown and validated anywhere; training checks the data when it starts).
+    """
+    from codetr.data.format import DataError
     from codetr.data.loader import source_categories
 
     for split in ("train", "val"):
         src = getattr(recipe.data, split)
-        if src is not None:
+        if src is None:
+            continue
+        try:
             cats = source_categories(src)
-            if cats is not None:
-                return [c["name"] for c in cats], f"data.{split}"
+        except (DataError, OSError) as exc:
+            if recipe.model.num_classes is not None:
+                continue
+            raise RecipeError(source, [RecipeIssue(
+                "model.num_classes", f"cannot be derived from data.{split}: {exc}; "
+                f"fix the data path (--set data.{split}...=...) or set model.num_classes")]) from None
+        if cats is not None:
+            return [c["name"] for c in cats], f"data.{split}"
     return None, ""
 
 
 def _derive_num_classes(recipe: Recipe, source: str, read_data: bool) -> Recipe:
-    names, where = _dataset_categories(recipe) if read_data else (None, "")
+    names, where = _dataset_categories(recipe, source) if read_data else (None, "")
     given = recipe.model.num_classes
     if names is not None:
         if given is not None and given != len(names):
@@ -278,5 +291,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, read_data:
 def recipe_to_yaml(recipe: Recipe) -> str:
     """The fully resolved recipe as YAML (what ``codetr config show`` prints)."""
     data = json.loads(recipe.model_dump_json())
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+    return yaml.dump(data, Dumper=_RecipeDumper, sort_keys=False, width=100)
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """Block style for mappings, flow style (``[1, 2]``) for lists of scalars."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = all(not isinstance(v, (dict, list)) for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_RecipeDumper.add_representer(list, _represent_list)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from codetr.cli import config_cmd, plugins_cmd, quickstart_cmd, train_cmd
+from codetr.cli import config_cmd, convert_cmd, plugins_cmd, quickstart_cmd, train_cmd
 
 app = typer.Typer(
     name="codetr",
@@ -15,6 +15,7 @@ app = typer.Typer(
 )
 quickstart_cmd.register(app)
 train_cmd.register(app)
+convert_cmd.register(app)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(plugins_cmd.app, name="plugins")
 

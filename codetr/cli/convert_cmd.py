@@ -1,0 +1,135 @@
+"""``codetr convert`` (official checkpoints -> codetr) and ``codetr export-weights``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import torch
+import typer
+from rich.table import Table
+
+from codetr.cli.common import SET_HELP, console, fail, load, user_errors
+
+FORMATS = ("sense-x", "mmdet3")
+
+
+def _read_official(path: Path, trust: bool) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # official mmcv checkpoints may pickle metadata objects
+        if not trust:
+            raise ValueError(
+                f"{path}: cannot be read with torch.load(weights_only=True) ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200]}). If you trust the file (e.g. an official release), re-run "
+                "with --trust-checkpoint to allow full unpickling") from None
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: not a state dict (expected a mapping of tensors, or a checkpoint with 'state_dict')")
+    return obj
+
+
+def convert_official(source: dict, fmt: str, aux_head_types: list[str], variant_type: str,
+                     allow_unmatched: bool):
+    """Dispatch to the converter of ``fmt`` for the recipe's variant and aux heads."""
+    if fmt == "sense-x":
+        if variant_type != "deformable_detr":
+            raise ValueError("the Sense-X converter handles Co-Deformable-DETR / Deformable-DETR recipes; "
+                             "convert Co-DINO checkpoints released for MMDetection 3.x with --format mmdet3")
+        if aux_head_types:
+            from codetr.convert.co_detr import convert_sense_x_co_detr
+
+            return convert_sense_x_co_detr(source, aux_head_types, allow_unmatched=allow_unmatched)
+        from codetr.convert.official import convert_sense_x_co_deformable
+
+        return convert_sense_x_co_deformable(source, head_prefix="bbox_head.")
+    if variant_type == "deformable_detr":
+        from codetr.convert.official import convert_mmdet3_deformable
+
+        return convert_mmdet3_deformable(source)
+    from codetr.convert import mmdet3
+
+    if aux_head_types:
+        return mmdet3.convert_mmdet3_co_dino(source, aux_head_types, allow_unmatched=allow_unmatched)
+    return mmdet3.convert_mmdet3_dino(source)
+
+
+def convert(
+    recipe: Annotated[Path, typer.Argument(help="The codetr recipe the weights are for (architecture, aux heads).")],
+    checkpoint: Annotated[Path, typer.Argument(help="Official checkpoint (.pth).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output codetr checkpoint.")],
+    fmt: Annotated[str, typer.Option("--format", help="sense-x (Sense-X Co-DETR / mmdet 2.x) or mmdet3.")] = "sense-x",
+    allow_unmatched: Annotated[bool, typer.Option(help="Do not fail on official keys without a counterpart.")] = False,
+    trust_checkpoint: Annotated[bool, typer.Option(help="Allow full unpickling (only for files you trust).")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help=SET_HELP)] = None,
+) -> None:
+    """Convert an official Co-DETR / DETR checkpoint into a codetr checkpoint, with a key-by-key report.
+
+    The recipe's model is built and the converted weights are loaded strictly: any missing or unexpected
+    key is an error (unless --allow-unmatched), so a converted file always loads.
+    """
+    from codetr.core.build import build_detector
+    from codetr.core.config import recipe_to_yaml
+    from codetr.engine.checkpoint import base_state, save_checkpoint
+
+    if fmt not in FORMATS:
+        raise fail(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    with user_errors():
+        resolved = load(recipe, list(set_ or []) + ["model.backbone.weights=null"], read_data=False)
+        source = _read_official(checkpoint, trust_checkpoint)
+        sd, report = convert_official(source, fmt, [h.type for h in resolved.model.aux_heads],
+                                      resolved.model.variant.type, allow_unmatched)
+        model = build_detector(resolved.model)
+        expected = model.state_dict()
+        missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
+        unexpected = [k for k in sd if k not in expected]
+        shape = [k for k in sd if k in expected and sd[k].shape != expected[k].shape]
+        table = Table(title=f"conversion report: {checkpoint.name} ({fmt})")
+        table.add_column("what")
+        table.add_column("count", justify="right")
+        table.add_column("first keys", overflow="fold")
+        rows = [("converted", report.matched, "green"), ("unmatched official keys", list(report.unmatched), "red"),
+                ("missing codetr keys", missing, "red"), ("unexpected converted keys", unexpected, "red"),
+                ("shape mismatches", shape, "red"), ("ignored (BN counters)", report.ignored, "dim")]
+        for name, keys, colour in rows:
+            shown = ", ".join(str(k if not isinstance(k, tuple) else f"{k[0]} -> {k[1]}") for k in list(keys)[:4])
+            table.add_row(name, f"[{colour}]{len(keys)}[/]" if keys else "0", shown)
+        console.print(table)
+        problems = missing or unexpected or shape or (report.unmatched and not allow_unmatched)
+        if problems and not allow_unmatched:
+            raise ValueError("conversion incomplete (see the report); fix the recipe so it matches the checkpoint's "
+                             "architecture, or pass --allow-unmatched to write a partial checkpoint")
+        model.load_state_dict({k: v for k, v in sd.items() if k in expected and sd[k].shape == expected[k].shape},
+                              strict=False)
+        save_checkpoint(out, base_state(model=model.state_dict(), recipe=recipe_to_yaml(resolved),
+                                        converted_from=str(checkpoint), converted_format=fmt))
+    console.print(f"[green]wrote[/] {out}")
+
+
+def export_weights(
+    checkpoint: Annotated[Path, typer.Argument(help="codetr checkpoint (training or model_final).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output file.")],
+    inference_only: Annotated[bool, typer.Option(help="Drop the training-only Co-DETR branch (aux heads, adapter, query encoder).")] = False,
+) -> None:
+    """Write the model weights of a checkpoint (no optimizer/RNG state), optionally inference-only."""
+    from codetr.engine.checkpoint import base_state, extract_state_dict, load_checkpoint, save_checkpoint
+
+    with user_errors():
+        obj = load_checkpoint(checkpoint)
+        sd = extract_state_dict(obj)
+        dropped = [k for k in sd if k.startswith("collaborative.")] if inference_only else []
+        sd = {k: v for k, v in sd.items() if k not in set(dropped)}
+        extra = {k: obj[k] for k in ("recipe", "classes") if isinstance(obj, dict) and k in obj}
+        save_checkpoint(out, base_state(model=sd, inference_only=inference_only, **extra))
+    size = sum(v.numel() for v in sd.values())
+    console.print(f"[green]wrote[/] {out}: {len(sd)} tensors, {size / 1e6:.1f} M values"
+                  + (f" ({len(dropped)} training-only tensors dropped)" if dropped else ""))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("convert")(convert)
+    app.command("export-weights")(export_weights)

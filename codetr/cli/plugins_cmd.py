@@ -16,8 +16,9 @@ def list_() -> None:
     from codetr.core.registry import registry
 
     table = Table(title="codetr components", show_lines=False)
-    for col in ("group", "name", "package", "status", "summary"):
-        table.add_column(col, overflow="fold")
+    for col in ("group", "name", "package", "status"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("summary", overflow="fold", ratio=1)
     rows = registry.listing()
     for row in rows:
         status = "[green]ok[/]" if row["status"] == "ok" else f"[red]{row['status']}[/]"

@@ -109,7 +109,7 @@ class Detector(nn.Module):
         else:
             main = self.variant.make_queries(memory, None)[0]
             parts = self.variant.split_outputs(main, self.variant.decode(main, memory))
-            out = next(o for p, o in parts if p.name == "main")
+            out = next((o for p, o in parts if p.name == "main"), parts[0][1])
             dets = self.postprocess(out, batch.image_sizes, batch.orig_sizes)
         if self.score_threshold > 0:
             dets = [d.filter(d.scores >= self.score_threshold) for d in dets]

@@ -180,18 +180,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_it(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> list[float]:
-    for _ in range(warmup):
-        fn()
+def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int,
+                     device: torch.device) -> dict[str, list[float]]:
+    """Warm every function up, then time them round-robin (order rotated each round), so that background load
+    on a shared machine hits all models alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            gc.collect()
+            _sync(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
     return times
 
 
@@ -225,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=max(120, Console().width))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -252,26 +258,26 @@ def main(argv: list[str] | None = None) -> int:
         for name, m in models.items():
             m.eval()
             outs[name] = infer_step(m, batch)()
-            rows.append(("inference", name, time_it(infer_step(m, batch), args.warmup, args.repeats, device)))
-            console.print(f"  inference {name}: median {statistics.median(rows[-1][2]) * 1e3:.0f} ms")
         d = max_diff(outs[ours_name], outs[hf_name])
         checks.append("inference outputs, codetr (HF-equivalent) vs HF, max abs diff: "
                       + ", ".join(f"{k} {v:.2e}" for k, v in d.items()))
+        del outs
+        times = time_interleaved({n: infer_step(m, batch) for n, m in models.items()}, args.warmup, args.repeats,
+                                 device)
+        rows += [("inference", n, t) for n, t in times.items()]
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 infer_step(models[ours_name], batch)()
             console.print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
-        del batch, outs
+        del batch
     if not args.skip_train:
         batch = make_batch(args.train_batch, args.train_size, device, args.seed + 1, pad_last=True)
         losses = {}
         for name, m in models.items():
             m.train()
             losses[name] = train_step(m, batch)()
-            rows.append(("train step", name, time_it(train_step(m, batch), args.warmup, args.repeats, device)))
-            console.print(f"  train step {name}: median {statistics.median(rows[-1][2]) * 1e3:.0f} ms")
         hf_m, ours_m = models[hf_name], models[ours_name]
         sd_ours = dict(ours_m.named_parameters())
         conv, _ = convert_hf_deformable_detr({k: p.grad for k, p in hf_m.named_parameters() if p.grad is not None},
@@ -280,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
                     if k in sd_ours and sd_ours[k].grad is not None)
         checks.append(f"train step loss codetr {losses[ours_name]:.6f} vs HF {losses[hf_name]:.6f}; "
                       f"max abs gradient diff over {len(conv)} HF parameters {gdiff:.2e}")
+        times = time_interleaved({n: train_step(m, batch) for n, m in models.items()}, args.warmup, args.repeats,
+                                 device)
+        rows += [("train step", n, t) for n, t in times.items()]
 
     table = Table(title=f"Deformable-DETR two-stage + refine, R50, 300 queries, FFN 2048, 6+6 layers ({device}, "
                         f"{torch.get_num_threads()} threads)")

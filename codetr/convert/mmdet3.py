@@ -16,21 +16,22 @@ Two layouts (key lists: ``shared/reference-outputs/{dino,co_dino}_mmdet3_small/s
   head keeps the mmdet-2 transformer names ``query_head.transformer.{encoder,decoder}.layers.{i}.{attentions,
   ffns,norms}``): the one-to-one part as :func:`codetr.convert.official.deformable_key_sense_x` plus
 
-  ===========================================================  ============================================
-  ``query_head.transformer.decoder.ref_point_head.{0,2}.*``    ``variant.decoder.ref_point_head.layers.{0,1}.*``
-  ``query_head.transformer.decoder.norm.*``                    ``variant.decoder.norm.*``
-  ``query_head.transformer.query_embed.weight``                ``variant.query_embedding.weight``
-  ``query_head.dn_generator.label_embedding.weight``           ``variant.denoising.label_embedding.weight``
-  (Sense-X mmdet 2: ``query_head.label_embedding.weight``)
-  ``query_head.downsample.*``                                  ``collaborative.adapter.*``
-  ``query_head.transformer.aux_pos_trans{,_norm}.<k>.*``       ``collaborative.query_encoder.{pos_trans,pos_norm}.<k'>.*``
-  ``query_head.transformer.pos_feats_{trans,norm}.<k>.*``      ``collaborative.query_encoder.{feat_trans,feat_norm}.<k'>.*``
-  ``rpn_head.*``, ``roi_head.0.*``                             ``collaborative.heads.<i>.{rpn_head,roi_head}.*``
-  ``bbox_head.<j>.*`` (ATSS)                                   ``collaborative.heads.<i>.*``
-  ===========================================================  ============================================
+  * ``query_head.transformer.decoder.ref_point_head.{0,2}.*`` -> ``variant.decoder.ref_point_head.layers.{0,1}.*``
+  * ``query_head.transformer.decoder.norm.*`` -> ``variant.decoder.norm.*``
+  * ``query_head.transformer.query_embed.weight`` -> ``variant.query_embedding.weight``
+  * ``query_head.dn_generator.label_embedding.weight`` (Sense-X mmdet 2: ``query_head.label_embedding.weight``)
+    -> ``variant.denoising.label_embedding.weight``
+  * ``query_head.downsample.*`` -> ``collaborative.adapter.downsample.*``
+  * ``query_head.transformer.aux_pos_trans{,_norm}.<k>.*``
+    -> ``collaborative.query_encoder.{pos_trans,pos_norm}.<k'>.*``
+  * ``query_head.transformer.pos_feats_{trans,norm}.<k>.*``
+    -> ``collaborative.query_encoder.{feat_trans,feat_norm}.<k'>.*``
+  * ``rpn_head.*``, ``roi_head.0.*`` -> ``collaborative.heads.<i>.{rpn_head,roi_head}.*``
+  * ``bbox_head.<j>.*`` (ATSS) -> ``collaborative.heads.<i>.*``
 
   The official head index ``k`` numbers R-CNN heads first, then dense heads; ``aux_head_types`` (the recipe's
-  ``model.aux_heads[i].type`` in order) gives codetr's index (see :func:`codetr.convert.co_detr.official_head_order`).
+  ``model.aux_heads[i].type`` in order) gives codetr's index ``k'`` / ``i``
+  (:func:`codetr.convert.co_detr.official_head_order`).
 
 Both return ``(state_dict, report)`` (:class:`codetr.convert.official.ConversionReport`); source keys that map
 to nothing are an error unless ``allow_unmatched=True`` (they are then listed in ``report.unmatched``). BN

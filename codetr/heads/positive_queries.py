@@ -13,7 +13,9 @@ Two steps, kept apart so each is testable:
      positional query = first half (+ the per-head ``head_pos_embed``), content = second half
      (+ ``LN'_k(Linear'_k(feat))`` when ``with_coord_feat``).
    * ``flavour="dino"`` (Co-DINO): content = ``LN_k(Linear_k(PE(box)))`` (``C`` outputs), no explicit
-     positional query (the DINO decoder derives it from the reference box at every layer).
+     positional query (the DINO decoder derives it from the reference box at every layer); the official
+     Co-DINO configs set ``with_coord_feat=False``. Checked against the official training-mode aux-group
+     outputs in ``tests/integration/test_co_dino_parity.py``.
 
    ``PE`` is the 4 x 128 sine embedding of (cx, cy, w, h) (temperature 10000), i.e. ``2C`` = 512 channels
    for ``C`` = 256.

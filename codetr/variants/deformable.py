@@ -34,7 +34,7 @@ import math
 from typing import Any, Literal
 
 import torch
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from codetr.core.interfaces import DecoderOutputs, DETRVariant, EncoderInputs, Memory, QueryGroup
@@ -111,6 +111,8 @@ class DeformableDETRConfig(ComponentConfig):
     #: how much padding the batch has; masking keeps "batch size doesn't change the result". Numerically equal
     #: to the official code whenever it would not select an invalid proposal (all fixtures).
     two_stage_mask_invalid: bool = True
+    #: Activation checkpointing of the first N encoder layers (official ``with_cp``; Co-DINO uses 4-6).
+    encoder_checkpoint_layers: int = Field(0, ge=0)
     prior_prob: float = 0.01
 
     @model_validator(mode="before")
@@ -234,7 +236,7 @@ class DeformableDETR(DETRVariant):
 
     # ------------------------------------------------------------------ encode
     def encode(self, inputs: EncoderInputs) -> Memory:
-        x = run_encoder(self.encoder.layers, inputs)
+        x = run_encoder(self.encoder.layers, inputs, self.cfg.encoder_checkpoint_layers)
         memory = Memory(memory=x, inputs=inputs)
         if self.two_stage:
             memory.extras.update(self._proposals(x, inputs))

@@ -12,7 +12,8 @@ Co-DETR port (``CoDINOHead`` / ``CoDinoTransformer``), see ``tests/variants/test
   score and refine it; the top-``num_queries`` tokens by their **maximum class logit** give the (detached)
   4-D reference boxes. The content queries are the learned ``query_embedding`` (Q, C).
 * **Decoder**: at every layer ``query_pos = ref_point_head(sine(ref * valid_ratio))`` (MLP 2C -> C -> C on
-  the (y, x, w, h) sine embedding, temperature 10000); iterative refinement
+  the (y, x, w, h) sine embedding, temperature 10000; ``query_pos_frame: image`` drops the valid-ratio factor,
+  making padded batches give the batch-size-1 result); iterative refinement
   ``new_ref = sigmoid(box_head_l(out_l) + inverse_sigmoid(ref_l, 1e-3))`` computed from the layer output
   **before** the shared ``decoder.norm`` and detached for the next layer; the heads predict from the
   **normed** output: ``box_l = sigmoid(box_head_l(norm(out_l)) + inverse_sigmoid(ref_l))`` where ``ref_l`` is
@@ -117,7 +118,14 @@ class DINOConfig(ComponentConfig):
     #: Rank invalid proposals (padding, or outside (0.01, 0.99)) last in the top-k. The official code ranks them
     #: by their bias-only logit and would then use a +inf box; equal to it whenever it selects none.
     two_stage_mask_invalid: bool = True
+    #: Activation checkpointing of the first N encoder layers (official ``with_cp``; Co-DINO uses 4-6).
+    encoder_checkpoint_layers: int = Field(0, ge=0)
     prior_prob: float = Field(0.01, gt=0, lt=1)
+    #: Frame of the reference box whose sine embedding gives the positional queries. "canvas" (official): the
+    #: box times the level-0 valid ratio, i.e. relative to the padded batch canvas, so an image's detections
+    #: depend on how much padding its batch adds. "image": relative to the image itself, which makes every
+    #: batch give the batch-size-1 result (of a model trained either way; at batch size 1 both are identical).
+    query_pos_frame: Literal["canvas", "image"] = "canvas"
 
 
 # ---------------------------------------------------------------------- contrastive denoising
@@ -371,7 +379,7 @@ class DINO(DETRVariant):
         return flatten_levels(levels, masks, strides, self.positional_encoding, self.level_embed)
 
     def encode(self, inputs: EncoderInputs) -> Memory:
-        x = run_encoder(self.encoder.layers, inputs)
+        x = run_encoder(self.encoder.layers, inputs, self.cfg.encoder_checkpoint_layers)
         memory = Memory(memory=x, inputs=inputs)
         memory.extras.update(self._proposals(x, inputs))
         return memory
@@ -466,11 +474,12 @@ class DINO(DETRVariant):
         ref = group.reference
         ref_pred = ref  # look-forward-twice: the undetached refined reference of the previous layer
         eps = self.cfg.pred_ref_eps
+        canvas = self.cfg.query_pos_frame == "canvas"
         logits, boxes, hidden, refs = [], [], [], []
         for lid, layer in enumerate(self.decoder.layers):
             ref_in = ref[:, :, None] * scale
-            sine = sine_box_embedding(ref_in[:, :, 0], num_feats=self.hidden_dim // 2, temperature=10000,
-                                      scale=2 * math.pi, order="yxwh")
+            sine = sine_box_embedding(ref_in[:, :, 0] if canvas else ref, num_feats=self.hidden_dim // 2,
+                                      temperature=10000, scale=2 * math.pi, order="yxwh")
             pos = self.decoder.ref_point_head(sine.to(x.dtype))
             x = layer(x, pos, ref_in, memory.memory, inputs.spatial_shapes, inputs.padding_mask, group.self_attn_mask)
             h = self.decoder.norm(x)

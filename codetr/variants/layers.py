@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from codetr.core.interfaces import EncoderInputs
 from codetr.ops.msda import MultiScaleDeformableAttention
@@ -66,7 +67,9 @@ class FFN(nn.Module):
         self.drop2 = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.drop2(self.fc2(self.drop1(self.fc1(x).relu())))
+        # in-place ReLU on the fresh fc1 output (Linear's backward does not need it): saves a (tokens, ffn_dim)
+        # allocation, the largest activation of the encoder
+        return self.drop2(self.fc2(self.drop1(self.fc1(x).relu_()))).add_(x)
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -170,12 +173,21 @@ def encoder_reference_points(shapes: list[tuple[int, int]], valid_ratios: Tensor
     return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]
 
 
-def run_encoder(layers: Iterable[nn.Module], inputs: EncoderInputs) -> Tensor:
-    """Run :class:`DeformableEncoderLayer` s over the flattened tokens: (B, S, C) memory."""
+def run_encoder(layers: Iterable[nn.Module], inputs: EncoderInputs, checkpoint_layers: int = 0) -> Tensor:
+    """Run :class:`DeformableEncoderLayer` s over the flattened tokens: (B, S, C) memory.
+
+    ``checkpoint_layers``: the first N layers run under activation checkpointing while gradients are
+    enabled (official ``with_cp``): their activations are recomputed in the backward pass, trading about
+    one extra encoder-layer forward each for memory. Outputs and gradients are unchanged (no dropout
+    randomness is lost: ``torch.utils.checkpoint`` replays the RNG state).
+    """
     ref = encoder_reference_points(inputs.spatial_shapes, inputs.valid_ratios)
     x = inputs.feats
-    for layer in layers:
-        x = layer(x, inputs.pos, ref, inputs.spatial_shapes, inputs.padding_mask)
+    for i, layer in enumerate(layers):
+        if i < checkpoint_layers and torch.is_grad_enabled():
+            x = checkpoint(layer, x, inputs.pos, ref, inputs.spatial_shapes, inputs.padding_mask, use_reentrant=False)
+        else:
+            x = layer(x, inputs.pos, ref, inputs.spatial_shapes, inputs.padding_mask)
     return x
 
 

@@ -68,6 +68,7 @@ def test_config_defaults_and_strictness():
     assert (cfg.num_encoder_layers, cfg.num_heads, cfg.num_points, cfg.ffn_dim, cfg.dropout) == (6, 8, 4, 2048, 0.0)
     assert (cfg.pe_temperature, cfg.pe_offset) == (20, 0.0)
     assert (cfg.num_dn_queries, cfg.label_noise_scale, cfg.box_noise_scale, cfg.with_dn) == (100, 0.5, 1.0, True)
+    assert (cfg.pred_ref_eps, cfg.two_stage_mask_invalid, cfg.query_pos_frame) == (1e-3, True, "canvas")
     assert cfg.hidden_dim is None and cfg.num_queries is None  # shared fields: injected by the recipe
     assert issubclass(COMPONENT.config, ComponentConfig) and COMPONENT.build is build
     with pytest.raises(ValidationError):
@@ -295,10 +296,12 @@ def test_refinement_and_look_forward_twice_semantics():
     assert m.box_heads[2].layers[0].weight.grad is None  # encoder head: references are detached
 
 
-def test_padding_affects_only_the_padded_image_through_query_positions():
-    """The unpadded image of a padded batch decodes as if alone. The padded one does not, by design of the
-    official DINO decoder: its positional queries embed ``reference * valid_ratio`` (canvas coordinates)."""
-    m = _model()
+@pytest.mark.parametrize("frame", ["canvas", "image"])
+def test_padding_invariance(frame):
+    """``query_pos_frame: image``: every image of a padded batch decodes as if alone (batch size 1). The official
+    ``canvas`` frame embeds ``reference * valid_ratio`` in the positional queries, so there only the unpadded
+    image does; the encoder side (memory, proposals) is padding invariant in both."""
+    m = _model(query_pos_frame=frame)
     big, small = [(12, 15), (6, 8), (3, 4)], [(9, 10), (5, 5), (3, 3)]
     a, b, junk = _levels(big, seed=1), _levels(small, seed=2), _levels(big, seed=3)
     lvs, masks = [], []
@@ -315,8 +318,14 @@ def test_padding_affects_only_the_padded_image_through_query_positions():
         mem_a = _encode(m, a)
         out_a = m.decode(m.make_queries(mem_a, None)[0], mem_a)
         mem_b = _encode(m, b)
+        out_b = m.decode(m.make_queries(mem_b, None)[0], mem_b)
     torch.testing.assert_close(out2.logits[:, 0], out_a.logits[:, 0], atol=2e-5, rtol=0)
     torch.testing.assert_close(out2.boxes[:, 0], out_a.boxes[:, 0], atol=2e-5, rtol=0)
+    if frame == "image":
+        torch.testing.assert_close(out2.logits[:, 1], out_b.logits[:, 0], atol=2e-5, rtol=0)
+        torch.testing.assert_close(out2.boxes[:, 1], out_b.boxes[:, 0], atol=2e-5, rtol=0)
+    else:
+        assert not torch.allclose(out2.logits[:, 1], out_b.logits[:, 0], atol=1e-3)
     # the encoder side (memory of the valid tokens, proposals, top-k) is padding invariant
     start2, start1, valid = 0, 0, []
     for (h2, w2), (h1, w1) in zip(big, small):
@@ -504,3 +513,25 @@ def test_mmdet3_key_maps():
     assert "rpn_head.rpn_conv.weight" in rep.unmatched and "backbone.conv1.weight" in out
     with pytest.raises(ValueError, match="no codetr counterpart"):
         convert_mmdet3_dino({"bbox_head.something": z})
+
+
+def test_encoder_checkpointing_gives_identical_outputs_and_grads():
+    """``encoder_checkpoint_layers`` (official with_cp) changes memory use only, not numbers."""
+    from codetr.variants.layers import DeformableEncoderLayer, run_encoder
+    from codetr.core.interfaces import EncoderInputs
+
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(DeformableEncoderLayer(32, 4, 2, 2, 64, 0.0) for _ in range(2))
+    shapes = [(6, 5), (3, 3)]
+    s = sum(h * w for h, w in shapes)
+    feats = torch.randn(2, s, 32, requires_grad=True)
+    inputs = EncoderInputs(feats=feats, pos=torch.randn(2, s, 32), padding_mask=torch.zeros(2, s, dtype=torch.bool),
+                           spatial_shapes=shapes, level_start=torch.tensor([0, 30]),
+                           valid_ratios=torch.ones(2, 2, 2), strides=[8, 16])
+    out_plain = run_encoder(layers, inputs)
+    g_plain = torch.autograd.grad(out_plain.square().sum(), [feats, *layers.parameters()])
+    out_cp = run_encoder(layers, inputs, checkpoint_layers=2)
+    g_cp = torch.autograd.grad(out_cp.square().sum(), [feats, *layers.parameters()])
+    torch.testing.assert_close(out_cp, out_plain, rtol=0, atol=0)
+    for a, b in zip(g_cp, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -59,4 +59,4 @@ def build_detector(cfg: ModelConfig) -> Detector:
     post = partial(postprocess, topk=cfg.test.topk, soft_nms=cfg.test.soft_nms)
     return Detector(backbone, neck, variant, criterion, post, num_classes=cfg.num_classes,
                     collaborative=_build_collaborative(cfg), eval_module=cfg.co_detr.eval_module,
-                    score_threshold=cfg.test.score_threshold)
+                    score_threshold=cfg.test.score_threshold, exact_padding=cfg.test.exact_padding)

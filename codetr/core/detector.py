@@ -29,6 +29,12 @@ from codetr.core.structures import Batch, Detections
 __all__ = ["Detector", "level_masks", "rescale_detections"]
 
 
+def _has_padding(batch: Batch) -> bool:
+    """True when some image of the batch does not fill the padded canvas."""
+    h, w = batch.images.shape[-2:]
+    return bool(((batch.image_sizes[:, 0] != h) | (batch.image_sizes[:, 1] != w)).any())
+
+
 def rescale_detections(det: Detections, size_hw: Tensor, orig_hw: Tensor) -> Detections:
     """Network-input frame (valid size ``size_hw``) -> original image frame (``orig_hw``), clipped."""
     h, w = size_hw.tolist()
@@ -57,12 +63,15 @@ class Detector(nn.Module):
         postprocess: ``(DecoderOutputs, image_sizes, orig_sizes) -> list[Detections]`` (original frame).
         collaborative: optional Co-DETR branch (``codetr.heads.collaborative.CollaborativeBranch``) with
             ``loss(memory, batch, variant, criterion) -> dict`` and ``predict(memory, batch)``.
+        eval_module: ``detr`` (default) or an aux head (``one-stage`` / ``two-stage``) for analysis.
+        score_threshold: detections below it are dropped by ``predict``.
+        exact_padding: at inference, compute backbone + neck per image (see ``_features_per_image``).
     """
 
     def __init__(self, backbone: nn.Module, neck: nn.Module, variant: DETRVariant, criterion: nn.Module,
                  postprocess: Callable[..., list[Detections]], num_classes: int,
                  collaborative: nn.Module | None = None, eval_module: str = "detr",
-                 score_threshold: float = 0.0):
+                 score_threshold: float = 0.0, exact_padding: bool = True):
         super().__init__()
         self.backbone = backbone
         self.neck = neck
@@ -73,15 +82,42 @@ class Detector(nn.Module):
         self.num_classes = num_classes
         self.eval_module = eval_module
         self.score_threshold = score_threshold
+        self.exact_padding = exact_padding
 
     # ------------------------------------------------------------------ shared trunk
     def encode(self, batch: Batch) -> Memory:
-        feats = self.backbone(batch.images)
-        levels = self.neck(feats)
-        strides = list(self.neck.out_strides)
-        masks = level_masks(batch.masks, [tuple(x.shape[-2:]) for x in levels])
-        inputs = self.variant.prepare(levels, masks, strides)
+        if self.exact_padding and not self.training and _has_padding(batch):
+            levels, masks = self._features_per_image(batch)
+        else:
+            levels = self.neck(self.backbone(batch.images))
+            masks = level_masks(batch.masks, [tuple(x.shape[-2:]) for x in levels])
+        inputs = self.variant.prepare(levels, masks, list(self.neck.out_strides))
         return self.variant.encode(inputs)
+
+    def _features_per_image(self, batch: Batch) -> tuple[list[Tensor], list[Tensor]]:
+        """Backbone + neck on each image at its own size, then padded per level (True = padding).
+
+        Convolutions and normalisation layers let padded pixels leak into the valid area, so a padded
+        batch would not give the same features as each image alone. Running the CNN per image and
+        padding the *feature maps* makes inference exactly independent of batch composition (the
+        transformer is already masked). Used in eval mode (``exact_padding``); training keeps the
+        official batched computation.
+        """
+        per_image = []
+        for i, (h, w) in enumerate(batch.image_sizes.tolist()):
+            per_image.append(self.neck(self.backbone(batch.images[i:i + 1, :, :h, :w])))
+        levels, masks = [], []
+        for lvl in range(len(per_image[0])):
+            maps = [f[lvl] for f in per_image]
+            hh, ww = max(m.shape[-2] for m in maps), max(m.shape[-1] for m in maps)
+            out = maps[0].new_zeros(len(maps), maps[0].shape[1], hh, ww)
+            mask = torch.ones(len(maps), hh, ww, dtype=torch.bool, device=out.device)
+            for i, m in enumerate(maps):
+                out[i, :, :m.shape[-2], :m.shape[-1]] = m[0]
+                mask[i, :m.shape[-2], :m.shape[-1]] = False
+            levels.append(out)
+            masks.append(mask)
+        return levels, masks
 
     # ------------------------------------------------------------------ training
     def loss(self, batch: Batch) -> dict[str, Tensor]:

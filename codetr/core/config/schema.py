@@ -65,6 +65,8 @@ class TestConfig(StrictModel):
     topk: int = Field(100, ge=1, description="detections kept per image (official Deformable: 100, DINO: 300)")
     score_threshold: float = Field(0.0, ge=0, le=1)
     soft_nms: SoftNMSConfig | None = None
+    exact_padding: bool = Field(
+        True, description="run the CNN per image at inference so results do not depend on batch composition")
 
 
 class ModelConfig(StrictModel):

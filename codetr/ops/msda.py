@@ -175,70 +175,98 @@ def _sample_gather_pixels(value: Tensor, shapes: list[tuple[int, int]], pixels: 
     corner is zero padding, so clamping changes nothing but keeps indices in range; the gradient there is 0, as
     for ``grid_sample``); ``x0 = min(floor(x), W_l - 1)``, ``fx = x - x0``, and the corners ``(x0, y0), (x0 + 1,
     y0), (x0, y0 + 1), (x0 + 1, y0 + 1)`` get ``a (1 - fx)(1 - fy), a fx (1 - fy), a (1 - fx) fy, a fx fy``.
+    Each bag's indices / weights are laid out corner-major ``(4, L * P)`` (the order inside a bag is free), so
+    every elementwise op below runs over contiguous rows of ``L * P`` (or ``L * P * 2``) elements.
     """
     b, s, h, d = value.shape
     _, q, _, nl, p, _ = pixels.shape
+    n, m = b * q * h, nl * p
     dev, dt = value.device, value.dtype
     grad = torch.is_grad_enabled() and (value.requires_grad or pixels.requires_grad or weights.requires_grad)
 
-    # value table with a zero border around every level (only the border is zeroed)
+    # value table with a zero border around every level
     padded = [(hh + 2) * (ww + 2) for hh, ww in shapes]
+    starts = [sum(padded[:i]) for i in range(nl)]
     sp = sum(padded)
-    table = value.new_empty(b, sp, h, d)
-    starts, start = [], 0
-    for (hh, ww), v, n in zip(shapes, value.split([hh * ww for hh, ww in shapes], dim=1), padded):
-        lvl = table[:, start:start + n].view(b, hh + 2, ww + 2, h, d)
-        lvl[:, 0].zero_()
-        lvl[:, -1].zero_()
-        lvl[:, 1:-1, 0].zero_()
-        lvl[:, 1:-1, -1].zero_()
-        lvl[:, 1:-1, 1:-1] = v.reshape(b, hh, ww, h, d)
-        starts.append(start)
-        start += n
+    levels = value.split([hh * ww for hh, ww in shapes], dim=1)
+    if grad:  # pad + cat: its backward is a few slices (in-place slice writes would clone the table per level)
+        table = torch.cat([F.pad(v.reshape(b, hh, ww, h * d), (0, 0, 1, 1, 1, 1)).view(b, -1, h, d)
+                           for (hh, ww), v in zip(shapes, levels)], dim=1)
+    else:
+        table = value.new_zeros(b, sp, h, d)
+        for (hh, ww), v, st, k in zip(shapes, levels, starts, padded):
+            table[:, st:st + k].view(b, hh + 2, ww + 2, h, d)[:, 1:-1, 1:-1] = v.reshape(b, hh, ww, h, d)
     itype = torch.int32 if b * sp * h < 2 ** 31 - 1 else torch.int64
+    c = _gather_constants(shapes, p, h, starts, dt, itype, dev)
 
-    size = torch.tensor([[ww, hh] for hh, ww in shapes], dtype=dt, device=dev).view(nl, 1, 2)  # (x, y) extents
-    lo = size.new_full((), -1.0)
-    xy = torch.clamp(pixels, min=lo, max=size) if grad else pixels.clamp_(min=lo, max=size)
-    xy0 = xy.detach().floor()
-    torch.minimum(xy0, size - 1, out=xy0)
-    frac = xy - xy0 if grad else xy.sub_(xy0)
-    ixy = xy0.to(itype)
-    # table row of corner (x0, y0): (b * S' + start_l + (y0 + 1) * (W_l + 2) + x0 + 1) * H + head
-    row_w = torch.tensor([ww + 2 for _, ww in shapes], dtype=itype, device=dev)
-    const = torch.tensor([st + ww + 3 for st, (_, ww) in zip(starts, shapes)], dtype=itype, device=dev)
-    base = ixy[..., 1] * row_w.view(nl, 1)
-    base += ixy[..., 0]
-    base += const.view(nl, 1)
-    base *= h
-    base += (torch.arange(b, dtype=itype, device=dev).view(b, 1, 1, 1, 1) * (sp * h)
-             + torch.arange(h, dtype=itype, device=dev).view(1, 1, h, 1, 1))
-    base = base.view(b * q * h, nl * p)
-    corner = torch.stack([torch.zeros_like(row_w), torch.ones_like(row_w), row_w, row_w + 1], -1) * h  # (L, 4)
-    corner = corner.repeat_interleave(p, dim=0)  # (L * P, 4), level-major like ``base``'s columns
-    idx = (base.unsqueeze(-1) + corner).view(b * q * h, nl * p * 4)
-
-    fx, fy = frac[..., 0], frac[..., 1]
+    xy = pixels.view(n, m * 2)
     if grad:
-        a1 = weights * fy
-        a0 = weights - a1
+        xy = torch.minimum(xy.clamp_min(-1.0), c["size"])
+    else:
+        torch.minimum(xy.clamp_min_(-1.0), c["size"], out=xy)
+    xy0 = xy.detach().floor()
+    torch.minimum(xy0, c["size_m1"], out=xy0)
+    frac = (xy - xy0 if grad else xy.sub_(xy0)).view(n, m, 2)
+    fx, fy = frac[..., 0], frac[..., 1]
+    ixy = xy0.view(n, m, 2).to(itype)
+    # table row of corner (x0, y0): (b * S' + start_l + (y0 + 1) * (W_l + 2) + x0 + 1) * H + head
+    base = ixy[..., 1] * c["row_w"]
+    base += ixy[..., 0]
+    base += c["const"]
+    base *= h
+    base = base.view(b, q * h, m)
+    base += (torch.arange(b, dtype=itype, device=dev) * (sp * h)).view(b, 1, 1)
+    base = base.view(b, q, h, m)
+    base += torch.arange(h, dtype=itype, device=dev).view(h, 1)
+    base = base.view(n, m)
+    idx = base.unsqueeze(1) + c["corner"]  # (n, 4, m)
+
+    a = weights.reshape(n, m)
+    if grad:
+        a1 = a * fy
+        a0 = a - a1
         b0, b1 = a0 * fx, a1 * fx
-        corner_w = torch.stack([a0 - b0, b0, a1 - b1, b1], -1)
-    else:  # same values, written in place: no temporaries of the big (B, Q, H, L, P) shape
-        corner_w = weights.new_empty(*weights.shape, 4)
-        torch.mul(weights, fy, out=corner_w[..., 2])
-        torch.sub(weights, corner_w[..., 2], out=corner_w[..., 0])
-        torch.mul(corner_w[..., 0], fx, out=corner_w[..., 1])
-        torch.mul(corner_w[..., 2], fx, out=corner_w[..., 3])
-        corner_w[..., 0] -= corner_w[..., 1]
-        corner_w[..., 2] -= corner_w[..., 3]
-    corner_w = corner_w.view(b * q * h, nl * p * 4)
+        corner_w = torch.stack([a0 - b0, b0, a1 - b1, b1], 1)
+    else:  # same values, written in place: no temporaries of the big (n, L * P) shape
+        corner_w = a.new_empty(n, 4, m)
+        w0, w1, w2, w3 = corner_w.unbind(1)
+        torch.mul(a, fy, out=w2)
+        torch.sub(a, w2, out=w0)
+        torch.mul(w0, fx, out=w1)
+        torch.mul(w2, fx, out=w3)
+        w0 -= w1
+        w2 -= w3
 
     flat = table.view(b * sp * h, d)
-    out = F.embedding_bag(idx, flat.detach(), per_sample_weights=corner_w, mode="sum")  # grad -> weights only
+    out = F.embedding_bag(idx.view(n, 4 * m), flat.detach(), per_sample_weights=corner_w.view(n, 4 * m),
+                          mode="sum")  # gradient to the weights only; the table's comes from _TableGrad
     if grad and flat.requires_grad:
-        out = _TableGrad.apply(out, flat, base, corner, corner_w.detach())
+        out = _TableGrad.apply(out, flat, base, c["corner"], corner_w.detach())
     return out.view(b, q, h * d)
+
+
+_CONSTANTS: dict[tuple, dict[str, Tensor]] = {}
+
+
+def _gather_constants(shapes: list[tuple[int, int]], p: int, h: int, starts: list[int], dt: torch.dtype,
+                      itype: torch.dtype, dev: torch.device) -> dict[str, Tensor]:
+    """Per-(level, point) constants of the gather method, cached per shapes / dtypes / device."""
+    key = (tuple(shapes), p, h, dt, itype, str(dev))
+    c = _CONSTANTS.get(key)
+    if c is None:
+        nl = len(shapes)
+        wh = torch.tensor([[ww, hh] for hh, ww in shapes], dtype=dt).view(nl, 1, 2).expand(nl, p, 2).reshape(-1)
+        row_w = torch.tensor([ww + 2 for _, ww in shapes], dtype=torch.int64)
+        const = torch.tensor([st + ww + 3 for st, (_, ww) in zip(starts, shapes)], dtype=torch.int64)
+        corner = torch.stack([torch.zeros_like(row_w), torch.ones_like(row_w), row_w, row_w + 1], 0) * h  # (4, L)
+        c = {"size": wh, "size_m1": wh - 1,
+             "row_w": row_w.repeat_interleave(p), "const": const.repeat_interleave(p),
+             "corner": corner.repeat_interleave(p, dim=1)}  # (4, L * P), level-major like the columns
+        c = {k: v.to(device=dev, dtype=itype if v.dtype == torch.int64 else v.dtype) for k, v in c.items()}
+        if len(_CONSTANTS) > 64:
+            _CONSTANTS.clear()
+        _CONSTANTS[key] = c
+    return c
 
 
 class _TableGrad(torch.autograd.Function):
@@ -266,20 +294,25 @@ class _TableGrad(torch.autograd.Function):
 
 
 def _table_grad(grad: Tensor, base: Tensor, corner: Tensor, corner_w: Tensor, table_shape: torch.Size) -> Tensor:
+    """``base`` (n, m) corner-0 rows, ``corner`` (4, m) row offsets, ``corner_w`` (n, 4, m) -> table gradient."""
     n, m = base.shape
     sorted_base, order = torch.sort(base.reshape(-1))
     rows, counts = torch.unique_consecutive(sorted_base, return_counts=True)
     seg = counts.cumsum(0) - counts  # segment starts in the sorted order
     order = order.to(torch.int64)
     bag = torch.div(order, m, rounding_mode="floor")
-    column = order.index_select(0, seg) % m  # (level, point) column of each segment -> its corner offsets
-    weights = corner_w.view(n * m, 4).t().index_select(1, order)  # (4, N) sorted, contiguous rows
-    offsets = corner.to(torch.int64).index_select(0, column)  # (U, 4)
+    column = order % m
+    # flat position of sample (bag, corner c, column) in corner_w: bag * 4m + c * m + column
+    pos = bag * (4 * m) + column
+    seg_column = column.index_select(0, seg)  # (level, point) column of each segment -> its corner offsets
     rows = rows.to(torch.int64)
+    flat_w = corner_w.reshape(-1)
     grad_table = grad.new_zeros(table_shape)
-    for c in range(4):
-        part = F.embedding_bag(bag, grad, offsets=seg, per_sample_weights=weights[c], mode="sum")
-        grad_table.index_put_((rows + offsets[:, c],), part, accumulate=True)
+    for k in range(4):
+        w = flat_w.index_select(0, pos + k * m)
+        part = F.embedding_bag(bag, grad, offsets=seg, per_sample_weights=w, mode="sum")
+        grad_table.index_put_((rows + corner[k].to(torch.int64).index_select(0, seg_column),), part,
+                              accumulate=True)
     return grad_table
 
 
@@ -411,7 +444,9 @@ class MultiScaleDeformableAttention(nn.Module):
                 raise ValueError(f"key_padding_mask must be (B, S) = {(b, nv)}, got {tuple(key_padding_mask.shape)}")
             if key_padding_mask.dtype != torch.bool:
                 raise ValueError(f"key_padding_mask must be bool (True = padding), got {key_padding_mask.dtype}")
-            value = value.masked_fill_(key_padding_mask[..., None], 0.0)  # fresh projection output
+            pad = key_padding_mask[..., None]
+            # in place on the fresh projection output when no graph is recorded (saves a (B, S, C) copy)
+            value = value.masked_fill(pad, 0.0) if value.requires_grad else value.masked_fill_(pad, 0.0)
         value = value.view(b, nv, hh, -1)
 
         # Offsets / weights are produced by the (possibly autocast) projections, then handled in >= fp32.
@@ -427,12 +462,14 @@ class MultiScaleDeformableAttention(nn.Module):
             # pixel coordinates x = loc * W_l - 0.5 straight from the offsets (one op on the big tensor):
             # 2-D: ref * W_l - 0.5 + offset; 4-D: ref_xy * W_l - 0.5 + offset * ref_w * W_l * 0.5 / P
             size = torch.tensor([(w, h) for h, w in shapes], dtype=cdtype, device=ref.device)  # (L, 2)
+            # (B, Q, 1, L, P, 2) materialised (small), so the big add runs over contiguous rows of L * P * 2
             ref_pix = torch.addcmul(size.new_full((), -0.5), ref[..., :2], size)[:, :, None, :, None, :]
+            ref_pix = ref_pix.expand(b, nq, 1, ll, pp, 2).contiguous()
             if ref.shape[-1] == 2:
                 pixels = offsets + ref_pix
             else:
                 scale = (ref[..., 2:] * size * (0.5 / pp))[:, :, None, :, None, :]
-                pixels = torch.addcmul(ref_pix, offsets, scale)
+                pixels = torch.addcmul(ref_pix, offsets, scale.expand(b, nq, 1, ll, pp, 2).contiguous())
             with _no_autocast(value.device.type):
                 out = _sample_gather_pixels(value.to(cdtype), shapes, pixels, weights).to(value.dtype)
         else:
@@ -447,7 +484,11 @@ class MultiScaleDeformableAttention(nn.Module):
         if not self.batch_first:
             out = out.transpose(0, 1)
         out = self.dropout(out)
-        return out.add_(identity) if add_identity else out  # ``out`` is a fresh projection / dropout output
+        if not add_identity:
+            return out
+        if out.requires_grad or out.dtype != identity.dtype or out.shape != identity.shape:
+            return out + identity
+        return out.add_(identity)  # no graph: in place on the fresh projection output
 
     def extra_repr(self) -> str:
         return (f"embed_dims={self.embed_dims}, num_heads={self.num_heads}, num_levels={self.num_levels}, "

@@ -67,9 +67,13 @@ class FFN(nn.Module):
         self.drop2 = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        # in-place ReLU on the fresh fc1 output (Linear's backward does not need it): saves a (tokens, ffn_dim)
-        # allocation, the largest activation of the encoder
-        return self.drop2(self.fc2(self.drop1(self.fc1(x).relu_()))).add_(x)
+        h = self.fc1(x)
+        if h.requires_grad:  # in-place ops on Linear outputs (views) would cost autograd a CopySlices clone
+            return x + self.drop2(self.fc2(self.drop1(h.relu())))
+        # no graph: ReLU (and the residual, when no dtype promotion is involved) in place on fresh outputs,
+        # saving two large allocations per layer
+        y = self.drop2(self.fc2(self.drop1(h.relu_())))
+        return y.add_(x) if y.dtype == x.dtype else x + y
 
 
 class DeformableEncoderLayer(nn.Module):

@@ -67,7 +67,7 @@ def simota_installed():
     try:
         import codetr_simota  # noqa: F401
     except ImportError:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                         str(REPO / "examples" / "plugin_assigner")], check=True)
         importlib.invalidate_caches()
     registry.refresh()

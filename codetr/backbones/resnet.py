@@ -51,6 +51,7 @@ from pydantic import field_validator
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d as _TVFrozenBatchNorm2d
 
+from codetr.backbones.common import check_frozen_stages, check_out_indices
 from codetr.core.registry import Component, ComponentConfig
 
 __all__ = ["ResNetConfig", "ResNet", "FrozenBatchNorm2d", "LoadReport", "build_resnet", "official_resnet_key_map",
@@ -98,21 +99,12 @@ class ResNetConfig(ComponentConfig):
     @field_validator("out_indices")
     @classmethod
     def _check_out_indices(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if not v:
-            raise ValueError("out_indices must name at least one stage (1..4 = C2..C5)")
-        if any(i not in (1, 2, 3, 4) for i in v):
-            raise ValueError(f"out_indices {list(v)}: stage indices are 1..4 (C2..C5); "
-                             "mmdet's 0-based (1, 2, 3) is (2, 3, 4) here")
-        if list(v) != sorted(set(v)):
-            raise ValueError(f"out_indices {list(v)} must be strictly increasing")
-        return v
+        return check_out_indices(v, "C2..C5", "mmdet's 0-based (1, 2, 3) is (2, 3, 4) here")
 
     @field_validator("frozen_stages")
     @classmethod
     def _check_frozen(cls, v: int) -> int:
-        if not -1 <= v <= 4:
-            raise ValueError(f"frozen_stages={v}: use -1 (none), 0 (stem) or 1..4 (stem + layer1..layerk)")
-        return v
+        return check_frozen_stages(v, "stem")
 
 
 @dataclass

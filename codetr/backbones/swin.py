@@ -72,6 +72,7 @@ from torchvision.models.swin_transformer import PatchMerging, ShiftedWindowAtten
 from torchvision.ops import StochasticDepth
 
 from codetr.backbones.resnet import LoadReport, load_state_dict_file
+from codetr.backbones.common import check_frozen_stages, check_out_indices
 from codetr.core.registry import Component, ComponentConfig
 
 __all__ = ["SwinConfig", "SwinTransformer", "SwinLoadReport", "WindowAttention", "SwinBlock", "SwinStage",
@@ -141,21 +142,12 @@ class SwinConfig(ComponentConfig):
     @field_validator("out_indices")
     @classmethod
     def _check_out_indices(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if not v:
-            raise ValueError("out_indices must name at least one stage (1..4 = strides 4, 8, 16, 32)")
-        if any(i not in (1, 2, 3, 4) for i in v):
-            raise ValueError(f"out_indices {list(v)}: stage indices are 1..4 (strides 4..32); "
-                             "mmdet's 0-based (0, 1, 2, 3) is (1, 2, 3, 4) here")
-        if list(v) != sorted(set(v)):
-            raise ValueError(f"out_indices {list(v)} must be strictly increasing")
-        return v
+        return check_out_indices(v, "strides 4..32", "mmdet's 0-based (0, 1, 2, 3) is (1, 2, 3, 4) here")
 
     @field_validator("frozen_stages")
     @classmethod
     def _check_frozen(cls, v: int) -> int:
-        if not -1 <= v <= 4:
-            raise ValueError(f"frozen_stages={v}: use -1 (none), 0 (patch embedding) or 1..4 (+ stages 1..k)")
-        return v
+        return check_frozen_stages(v, "patch embedding")
 
     @field_validator("embed_dim", "window_size", "patch_size")
     @classmethod

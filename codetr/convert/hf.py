@@ -54,7 +54,9 @@ Architecture differences the weights cannot bridge, and how they are handled:
 Semantics codetr reproduces with options rather than weights (set by :func:`hf_recipe_model`):
 ``two_stage_mask_invalid: false`` (HF ranks the two-stage top-k by the raw class-0 logit, padding and
 out-of-range proposals included, exactly as the original code), ``mixed_selection`` / ``look_forward_twice``
-off (HF has neither), ``two_stage_num_proposals`` = HF's value (the decoder then has that many queries).
+off (HF has neither), ``two_stage_num_proposals`` = HF's value (the decoder then has that many queries), and
+``test.exact_padding: false`` (HF runs backbone + input projections on the zero-padded batch, so padded pixels
+reach the valid area through the convolutions; codetr's default runs the CNN per image at inference).
 Everything else (sine PE with offset -0.5 / eps 1e-6 / temperature 10000, valid ratios, encoder reference
 points, proposal generation, 4-D reference refinement, MSDA sampling) is the codetr default.
 """
@@ -356,5 +358,6 @@ def hf_recipe_model(config: Any, *, frozen_stages: int = 1, topk: int = 100) -> 
         "neck": {"type": "channel_mapper", "num_extra_levels": levels - len(backbone["out_indices"]),
                  "conv_bias": True},
         "variant": variant,
-        "test": {"topk": topk},
+        # HF runs the CNN on the padded batch; codetr's default (exact_padding) runs it per image at inference
+        "test": {"topk": topk, "exact_padding": False},
     }

@@ -40,11 +40,10 @@ from torch import Tensor, nn
 from codetr.core.interfaces import DecoderOutputs, DETRVariant, EncoderInputs, Memory, QueryGroup
 from codetr.core.registry import Component, ComponentConfig
 from codetr.core.structures import Batch
-from codetr.ops.msda import MultiScaleDeformableAttention
 from codetr.ops.position import SinePositionalEncoding, sine_box_embedding
 from codetr.variants.layers import (MLP, DeformableDecoderLayer, DeformableEncoderLayer, LayerStack,
                                     encoder_reference_points, flatten_levels, grid_proposals, inverse_sigmoid,
-                                    run_encoder, valid_ratio)
+                                    init_transformer_weights, run_encoder, valid_ratio)
 
 __all__ = ["PRESETS", "DeformableDETRConfig", "DeformableDETR", "build", "COMPONENT"]
 
@@ -194,14 +193,7 @@ class DeformableDETR(DETRVariant):
     # ------------------------------------------------------------------ init
     def init_weights(self) -> None:
         """Official initialisation (Deformable-DETR / mmdet ``DeformableDETRHead.init_weights``)."""
-        for module in (self.encoder, self.decoder):
-            for p in module.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MultiScaleDeformableAttention):
-                m.init_weights()  # zero offset weights + directional offset bias, uniform attention
-        nn.init.normal_(self.level_embed)
+        init_transformer_weights(self.encoder, self.decoder, self.level_embed, self)
         if self.two_stage:
             nn.init.xavier_uniform_(self.enc_output.weight)
             nn.init.xavier_uniform_(self.pos_trans.weight)

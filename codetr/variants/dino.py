@@ -67,10 +67,10 @@ from torch import Tensor, nn
 from codetr.core.interfaces import AuxTargets, DecoderOutputs, DETRVariant, EncoderInputs, Memory, QueryGroup
 from codetr.core.registry import Component, ComponentConfig
 from codetr.core.structures import Batch, xyxy_to_cxcywh
-from codetr.ops.msda import MultiScaleDeformableAttention
 from codetr.ops.position import SinePositionalEncoding, sine_box_embedding
 from codetr.variants.layers import (MLP, DeformableDecoderLayer, DeformableEncoderLayer, LayerStack,
-                                    flatten_levels, grid_proposals, inverse_sigmoid, run_encoder)
+                                    flatten_levels, grid_proposals, init_transformer_weights, inverse_sigmoid,
+                                    run_encoder)
 
 __all__ = ["DINOConfig", "DINO", "DenoisingGenerator", "DenoisingQueries", "dn_attention_mask",
            "dn_num_groups", "build", "COMPONENT"]
@@ -355,14 +355,7 @@ class DINO(DETRVariant):
     # ------------------------------------------------------------------ init
     def init_weights(self) -> None:
         """Official initialisation (mmdet ``DINO.init_weights`` + ``DINOHead.init_weights``; Co-DINO)."""
-        for module in (self.encoder, self.decoder):
-            for p in module.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MultiScaleDeformableAttention):
-                m.init_weights()
-        nn.init.normal_(self.level_embed)
+        init_transformer_weights(self.encoder, self.decoder, self.level_embed, self)
         nn.init.xavier_uniform_(self.enc_output.weight)
         nn.init.normal_(self.query_embedding.weight)  # Co-DINO / original DINO (nn.Embedding default)
         bias = -math.log((1 - self.cfg.prior_prob) / self.cfg.prior_prob)

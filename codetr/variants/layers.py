@@ -29,6 +29,7 @@ __all__ = [
     "flatten_levels",
     "encoder_reference_points",
     "run_encoder",
+    "init_transformer_weights",
     "grid_proposals",
 ]
 
@@ -221,3 +222,17 @@ def grid_proposals(padding_mask: Tensor, shapes: list[tuple[int, int]], dtype: t
     valid = ((props > 0.01) & (props < 0.99)).all(-1) & ~padding_mask
     props = torch.log(props / (1 - props)).masked_fill(~valid.unsqueeze(-1), float("inf"))
     return props.to(dtype), valid
+
+
+def init_transformer_weights(encoder: nn.Module, decoder: nn.Module, level_embed: Tensor, root: nn.Module) -> None:
+    """Official DETR-family init shared by the variants: xavier-uniform for every >1-D encoder/decoder
+    weight, the MSDA init (zero offset weights + directional offset bias, uniform attention) for every
+    :class:`MultiScaleDeformableAttention` under ``root``, and a normal init of the level embeddings."""
+    for module in (encoder, decoder):
+        for p in module.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+    for m in root.modules():
+        if isinstance(m, MultiScaleDeformableAttention):
+            m.init_weights()
+    nn.init.normal_(level_embed)

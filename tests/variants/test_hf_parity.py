@@ -15,8 +15,10 @@ all class heads), and plain one-stage (shared heads).
 
 HF semantics that codetr reproduces through recipe options (set by ``hf_recipe_model``), never by changing
 defaults: ``two_stage_mask_invalid: false`` (HF ranks the two-stage top-k by the raw class-0 logit, invalid
-proposals included, like the original repository), ``mixed_selection`` / ``look_forward_twice`` off, and
-``neck.conv_bias: true`` (HF's input projections have a conv bias in front of the GroupNorm). Matched without
+proposals included, like the original repository), ``mixed_selection`` / ``look_forward_twice`` off,
+``neck.conv_bias: true`` (HF's input projections have a conv bias in front of the GroupNorm) and
+``test.exact_padding: false`` (HF runs the CNN on the zero-padded batch; codetr's inference default runs it per
+image so that results do not depend on batch composition -- with it, the padded image 1 would differ). Matched without
 options: HF's pixel mask is True on *valid* pixels (codetr: True on padding) and both resize it to each level
 with nearest interpolation; the sine PE is normalised with offset -0.5 / eps 1e-6 over the valid extent; the
 valid ratios, encoder reference points and proposal grid use the valid extent of each level.
@@ -251,6 +253,21 @@ def test_two_stage_topk_can_select_invalid_proposals_like_hf():
     model.variant.cfg = model.variant.cfg.model_copy(update={"two_stage_mask_invalid": True})
     masked = model.variant.make_queries(model.encode(batch), None)[0]
     assert (masked.reference[1] < 1).all() and torch.allclose(masked.reference[0], group.reference[0])
+
+
+def test_exact_padding_default_differs_from_hf_on_padded_images(run):
+    """codetr's inference default (CNN per image) is exact for the unpadded image 0 and differs for image 1."""
+    model, batch = run["model"], _batch()
+    model.exact_padding = True
+    try:
+        with torch.no_grad():
+            memory = model.encode(batch).memory
+    finally:
+        model.exact_padding = False
+    hf_memory = run["out_hf"].encoder_last_hidden_state
+    assert (memory[1] - hf_memory[1]).abs().max() > 1e-3
+    r: dict[str, float] = {}
+    _close("memory image 0 (exact_padding)", memory[0], hf_memory[0], r)
 
 
 def test_predict_runs_on_converted_model(run):

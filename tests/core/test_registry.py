@@ -106,3 +106,27 @@ def test_plugin_assigner_assigns(simota_installed):
     assert (res.labels[~res.pos_mask] == 3).all()
     empty = assigner.assign(anchors, [anchors.shape[0]], gt[:0], torch.tensor([], dtype=torch.long), num_classes=3)
     assert empty.num_pos == 0
+
+
+def test_plugin_assigner_trains_a_step(simota_installed):
+    """The third-party assigner drives a real aux head through a training step of a real detector."""
+    from codetr.core.build import build_detector
+    from codetr.core.config import load_recipe
+    from codetr.core.structures import Batch, Target
+
+    recipe = load_recipe(REPO / "recipes" / "tests" / "tiny.yaml", [
+        "model.aux_heads=[{type: atss, feat_channels: 64, norm_groups: 16, assigner: {type: simota}}]",
+        "model.query_encoder={type: positive_queries, head_pos_embed: vector}",
+    ], read_data=False)
+    assert type(recipe.model.aux_heads[0].assigner).__name__ == "SimOTAConfig"
+    torch.manual_seed(0)
+    model = build_detector(recipe.model).train()
+    batch = Batch(images=torch.randn(1, 3, 96, 128), masks=torch.zeros(1, 96, 128, dtype=torch.bool),
+                  targets=[Target(torch.tensor([[10.0, 12.0, 70.0, 80.0]]), torch.tensor([2]),
+                                  torch.zeros(1, dtype=torch.bool))],
+                  image_sizes=torch.tensor([[96, 128]]), orig_sizes=torch.tensor([[96, 128]]), image_ids=[1])
+    losses = model.loss(batch)
+    assert float(losses["aux0.loss_cls"].detach()) > 0 and "loss_cls_aux0" in losses
+    sum(losses.values()).backward()
+    head = model.collaborative.heads[0]
+    assert all(p.grad is not None for p in head.parameters())

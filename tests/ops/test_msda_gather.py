@@ -47,6 +47,16 @@ def test_far_outside_and_exact_borders():
     assert (a - b).abs().max().item() <= 1e-12
 
 
+def test_non_finite_locations():
+    """+-inf are far outside (zero); NaN propagates to the output as with grid_sample (never an invalid row)."""
+    value, loc, w = _inputs(b=1, q=4, h=1, dh=2, p=1, shapes=[(2, 3)], seed=8)
+    loc = torch.tensor([[float("inf"), 0.5], [float("-inf"), 0.5], [0.5, float("inf")], [float("nan"), 0.5]],
+                       dtype=torch.float64).view(1, 4, 1, 1, 1, 2)
+    a, b = _both(value[:, :6], loc, w[:, :, :, :1], shapes=[(2, 3)])
+    assert torch.equal(b[0, :3], torch.zeros_like(b[0, :3]))
+    assert torch.isnan(b[0, 3]).all() and torch.isnan(a[0, 3]).all()
+
+
 def test_gradients_match_grid_sample():
     value, loc, w = _inputs(lo=0.02, hi=0.98, seed=5)
     grads = []
@@ -64,6 +74,19 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(
         lambda v, l_, a: multi_scale_deformable_attn(v, [(3, 2), (2, 3)], l_, a, method="gather"), args,
         eps=1e-6, atol=1e-6)
+
+
+def test_int64_indices_for_huge_tables(monkeypatch):
+    import codetr.ops.msda as msda
+
+    value, loc, w = _inputs(seed=7)
+    want = multi_scale_deformable_attn(value, SHAPES, loc, w, method="gather")
+    monkeypatch.setattr(msda, "_INT32_MAX_ROWS", 0)
+    args = [t.clone().requires_grad_(True) for t in (value, loc, w)]
+    got = multi_scale_deformable_attn(args[0], SHAPES, args[1], args[2], method="gather")
+    assert (got - want).abs().max().item() <= 1e-12
+    got.sum().backward()
+    assert all(a.grad is not None for a in args)
 
 
 def test_no_grad_path_equals_autograd_path():

@@ -51,7 +51,7 @@ from pydantic import field_validator
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d as _TVFrozenBatchNorm2d
 
-from codetr.backbones.common import check_frozen_stages, check_out_indices
+from codetr.backbones.common import FrozenStagesMixin, check_frozen_stages, check_out_indices
 from codetr.core.registry import Component, ComponentConfig
 
 __all__ = ["ResNetConfig", "ResNet", "FrozenBatchNorm2d", "LoadReport", "build_resnet", "official_resnet_key_map",
@@ -138,7 +138,7 @@ def _norm_layer(norm: str):
     raise ValueError(f"unknown norm {norm!r}")
 
 
-class ResNet(nn.Module):
+class ResNet(FrozenStagesMixin, nn.Module):
     """ResNet trunk returning the maps of ``out_indices``.
 
     Attributes:
@@ -177,19 +177,6 @@ class ResNet(nn.Module):
         for s in range(1, min(self.frozen_stages, self.num_stages) + 1):
             mods.append(getattr(self, f"layer{s}"))
         return mods
-
-    def _freeze_stages(self) -> None:
-        for m in self._frozen_modules():
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> "ResNet":
-        super().train(mode)
-        if mode:
-            for m in self._frozen_modules():
-                m.eval()
-        return self
 
     # ----------------------------------------------------------------- forward
     def forward(self, images: Tensor) -> list[Tensor]:

@@ -72,7 +72,7 @@ from torchvision.models.swin_transformer import PatchMerging, ShiftedWindowAtten
 from torchvision.ops import StochasticDepth
 
 from codetr.backbones.resnet import LoadReport, load_state_dict_file
-from codetr.backbones.common import check_frozen_stages, check_out_indices
+from codetr.backbones.common import FrozenStagesMixin, check_frozen_stages, check_out_indices
 from codetr.core.registry import Component, ComponentConfig
 
 __all__ = ["SwinConfig", "SwinTransformer", "SwinLoadReport", "WindowAttention", "SwinBlock", "SwinStage",
@@ -389,7 +389,7 @@ class SwinLoadReport(LoadReport):
         return "; ".join(parts)
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(FrozenStagesMixin, nn.Module):
     """Swin Transformer trunk returning the (output-normed) maps of ``out_indices``, NCHW.
 
     Attributes:
@@ -463,19 +463,6 @@ class SwinTransformer(nn.Module):
             if s in self.out_indices:
                 mods.append(getattr(self, f"norm{s - 1}"))
         return mods
-
-    def _freeze_stages(self) -> None:
-        for m in self._frozen_modules():
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> "SwinTransformer":
-        super().train(mode)
-        if mode:
-            for m in self._frozen_modules():
-                m.eval()
-        return self
 
     # ----------------------------------------------------------------- forward
     def forward(self, images: Tensor) -> list[Tensor]:

@@ -29,12 +29,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     """
     if boxes.numel() == 0:
         return boxes.new_zeros(0, dtype=torch.long), scores.new_zeros(0)
-    if class_agnostic:
-        boxes_for_nms = boxes
-    else:
-        max_coordinate = boxes.max()
-        offsets = idxs.to(boxes) * (max_coordinate + torch.tensor(1).to(boxes))
-        boxes_for_nms = boxes + offsets[:, None]
+    boxes_for_nms = offset_boxes_by_class(boxes, idxs, class_agnostic)
     if boxes_for_nms.shape[0] < split_thr:
         keep = nms(boxes_for_nms, scores, iou_threshold)
         return keep, scores[keep]
@@ -79,3 +74,12 @@ def multiclass_nms(boxes: Tensor, scores: Tensor, score_thr: float, iou_threshol
     if max_num > 0:
         keep, kept_scores = keep[:max_num], kept_scores[:max_num]
     return b[keep], kept_scores, labels[keep]
+
+
+def offset_boxes_by_class(boxes: Tensor, idxs: Tensor, class_agnostic: bool = False) -> Tensor:
+    """mmcv's trick for per-class NMS in one call: shift each class's boxes by ``idx * (max + 1)`` so boxes
+    of different classes never overlap (same arithmetic as mmcv, for bit-identical results)."""
+    if class_agnostic:
+        return boxes
+    offsets = idxs.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))
+    return boxes + offsets[:, None]

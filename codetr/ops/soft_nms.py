@@ -22,6 +22,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from codetr.heads.nms import offset_boxes_by_class
+
 __all__ = ["soft_nms", "batched_soft_nms"]
 
 _METHODS = ("naive", "linear", "gaussian")
@@ -119,12 +121,7 @@ def batched_soft_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold:
     """
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device), scores.new_zeros(0)
-    if class_agnostic:
-        boxes_for_nms = boxes
-    else:
-        max_coordinate = boxes.max()
-        offsets = idxs.to(boxes) * (max_coordinate + torch.tensor(1).to(boxes))
-        boxes_for_nms = boxes + offsets[:, None]
+    boxes_for_nms = offset_boxes_by_class(boxes, idxs, class_agnostic)
     if boxes_for_nms.shape[0] < split_thr:
         dets, keep = soft_nms(boxes_for_nms, scores, iou_threshold, sigma, min_score, method)
         return keep, dets[:, -1].to(scores.dtype)

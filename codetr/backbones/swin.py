@@ -76,7 +76,7 @@ from codetr.backbones.common import FrozenStagesMixin, check_frozen_stages, chec
 from codetr.core.registry import Component, ComponentConfig
 
 __all__ = ["SwinConfig", "SwinTransformer", "SwinLoadReport", "WindowAttention", "SwinBlock", "SwinStage",
-           "ARCHS", "build_swin", "official_swin_key_map", "resize_relative_position_bias_table",
+           "ARCHS", "build_swin", "official_swin_key_map", "swin_key_from_official", "resize_relative_position_bias_table",
            "shifted_window_mask", "COMPONENT"]
 
 logger = logging.getLogger(__name__)
@@ -590,6 +590,12 @@ def _from_mmdet_key(key: str, value: Tensor) -> tuple[str, Tensor]:
     elif ".downsample.norm." in key:
         value = _unfold_to_official_norm(value)
     return key, value
+
+
+def swin_key_from_official(key: str, value: Tensor) -> tuple[str, Tensor]:
+    """One Swin key (no ``backbone.`` prefix), official or mmdet layout -> :class:`SwinTransformer` key and
+    tensor (patch-merging weights re-ordered from ``nn.Unfold`` order for the mmdet layout)."""
+    return _from_mmdet_key(key, value)
 
 
 def official_swin_key_map(state_dict: dict[str, Tensor], return_layout: bool = False):

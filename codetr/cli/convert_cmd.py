@@ -34,28 +34,42 @@ def _read_official(path: Path, trust: bool) -> dict:
 
 
 def convert_official(source: dict, fmt: str, aux_head_types: list[str], variant_type: str,
-                     allow_unmatched: bool):
-    """Dispatch to the converter of ``fmt`` for the recipe's variant and aux heads."""
-    if fmt == "sense-x":
-        if variant_type != "deformable_detr":
-            raise ValueError("the Sense-X converter handles Co-Deformable-DETR / Deformable-DETR recipes; "
-                             "convert Co-DINO checkpoints released for MMDetection 3.x with --format mmdet3")
-        if aux_head_types:
-            from codetr.convert.co_detr import convert_sense_x_co_detr
+                     allow_unmatched: bool, backbone: str = "resnet"):
+    """Dispatch to the converter of ``fmt`` for the recipe's variant, backbone and aux heads.
 
-            return convert_sense_x_co_detr(source, aux_head_types, allow_unmatched=allow_unmatched)
-        from codetr.convert.official import convert_sense_x_co_deformable
-
-        return convert_sense_x_co_deformable(source, head_prefix="bbox_head.")
+    * ``sense-x`` (Sense-X Co-DETR, MMDetection 2.x): Co-Deformable-DETR / mmdet-2 Deformable-DETR
+      (``deformable_detr`` recipes) and Co-DINO (``dino`` recipes; ``query_head.label_embedding``).
+    * ``mmdet3``: mmdet 3.x Deformable-DETR and DINO, and the ``projects/CO-DETR`` Co-DINO port (recognised
+      by its ``query_head.*`` keys; a K = 0 ``dino`` recipe then takes only the inference part and needs
+      ``--allow-unmatched`` for the aux weights).
+    """
+    co_dino_layout = any(k.startswith(("query_head.", "module.query_head.")) for k in source)
     if variant_type == "deformable_detr":
+        if fmt == "sense-x":
+            if aux_head_types:
+                from codetr.convert.co_detr import convert_sense_x_co_detr
+
+                return convert_sense_x_co_detr(source, aux_head_types, allow_unmatched=allow_unmatched,
+                                               backbone=backbone)
+            from codetr.convert.official import convert_sense_x_co_deformable
+
+            prefix = "query_head." if co_dino_layout else "bbox_head."
+            return convert_sense_x_co_deformable(source, head_prefix=prefix, backbone=backbone)
         from codetr.convert.official import convert_mmdet3_deformable
 
-        return convert_mmdet3_deformable(source)
+        return convert_mmdet3_deformable(source, backbone=backbone)
+    if variant_type != "dino":
+        raise ValueError(f"no official checkpoint layout is known for variant {variant_type!r}; "
+                         "convertible variants: deformable_detr, dino")
     from codetr.convert import mmdet3
 
-    if aux_head_types:
-        return mmdet3.convert_mmdet3_co_dino(source, aux_head_types, allow_unmatched=allow_unmatched)
-    return mmdet3.convert_mmdet3_dino(source)
+    if co_dino_layout:
+        return mmdet3.convert_mmdet3_co_dino(source, aux_head_types, allow_unmatched=allow_unmatched,
+                                             backbone=backbone)
+    if fmt == "sense-x":
+        raise ValueError("a Sense-X (MMDetection 2.x) DINO-family checkpoint has 'query_head.*' keys (Co-DINO); "
+                         "this one has none. For an MMDetection 3.x DINO checkpoint use --format mmdet3")
+    return mmdet3.convert_mmdet3_dino(source, allow_unmatched=allow_unmatched, backbone=backbone)
 
 
 def convert(
@@ -82,7 +96,7 @@ def convert(
         resolved = load(recipe, list(set_ or []) + ["model.backbone.weights=null"], read_data=False)
         source = _read_official(checkpoint, trust_checkpoint)
         sd, report = convert_official(source, fmt, [h.type for h in resolved.model.aux_heads],
-                                      resolved.model.variant.type, allow_unmatched)
+                                      resolved.model.variant.type, allow_unmatched, resolved.model.backbone.type)
         model = build_detector(resolved.model)
         expected = model.state_dict()
         missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]

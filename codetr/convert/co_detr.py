@@ -53,8 +53,8 @@ _QE_RE = re.compile(r"^query_head\.transformer\.(aux_pos_trans_norm|aux_pos_tran
 
 
 def convert_sense_x_co_detr(sd: Mapping[str, Tensor], aux_head_types: Sequence[str], *,
-                            target_keys: Sequence[str] | None = None, allow_unmatched: bool = False
-                            ) -> tuple[dict[str, Tensor], ConversionReport]:
+                            target_keys: Sequence[str] | None = None, allow_unmatched: bool = False,
+                            backbone: str = "resnet") -> tuple[dict[str, Tensor], ConversionReport]:
     """Convert a full Sense-X Co-Deformable-DETR state dict.
 
     Args:
@@ -62,8 +62,9 @@ def convert_sense_x_co_detr(sd: Mapping[str, Tensor], aux_head_types: Sequence[s
         aux_head_types: the recipe's ``model.aux_heads[i].type`` in order, e.g. ``["faster_rcnn", "atss"]``.
         target_keys: codetr model keys, to report missing ones.
         allow_unmatched: otherwise any source key left unconverted raises ``ValueError`` listing them.
+        backbone: the recipe's ``model.backbone.type`` (``resnet`` or ``swin``).
     """
-    out, report = convert_sense_x_co_deformable(sd)
+    out, report = convert_sense_x_co_deformable(sd, backbone=backbone)
     order = official_head_order(aux_head_types)
     dense_ours = [i for i in order if aux_head_types[i] not in ROI_TYPES]
     roi_ours = [i for i in order if aux_head_types[i] in ROI_TYPES]
@@ -96,5 +97,6 @@ def convert_sense_x_co_detr(sd: Mapping[str, Tensor], aux_head_types: Sequence[s
         report.missing = sorted(set(target_keys) - set(out))
     if leftover and not allow_unmatched:
         raise ValueError(f"{len(leftover)} official keys have no codetr counterpart: {sorted(leftover)[:8]} ... "
-                         "(check the recipe's aux_heads types/order, or pass allow_unmatched=True)")
+                         "(check the recipe's aux_heads types/order, or pass --allow-unmatched / "
+                         "allow_unmatched=True to keep only the converted part)")
     return out, report

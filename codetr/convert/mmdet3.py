@@ -35,7 +35,8 @@ Two layouts (key lists: ``shared/reference-outputs/{dino,co_dino}_mmdet3_small/s
 
 Both return ``(state_dict, report)`` (:class:`codetr.convert.official.ConversionReport`); source keys that map
 to nothing are an error unless ``allow_unmatched=True`` (they are then listed in ``report.unmatched``). BN
-``num_batches_tracked`` counters are dropped unless ``target_keys`` contains them.
+``num_batches_tracked`` counters and Swin index buffers are dropped unless ``target_keys`` contains them.
+``backbone="swin"`` reads Swin backbones in either naming (official ``layers.*`` or mmdet ``stages.*``).
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from torch import Tensor
 
 from codetr.convert.co_detr import ROI_TYPES, official_head_order
-from codetr.convert.official import (ConversionReport, _backbone_key, _neck_key, _unwrap, deformable_key_mmdet3,
-                                     deformable_key_sense_x)
+from codetr.convert.official import (DERIVED_BUFFERS, ConversionReport, _neck_key, _unwrap, backbone_key_map,
+                                     deformable_key_mmdet3, deformable_key_sense_x)
 
 __all__ = ["convert_mmdet3_dino", "convert_mmdet3_co_dino", "dino_key_mmdet3", "co_dino_query_head_key"]
 
@@ -94,13 +95,13 @@ def _finish(out: dict[str, Tensor], report: ConversionReport, target_keys: Itera
         keys = sorted(report.unmatched)
         raise ValueError(f"{len(keys)} official keys have no codetr counterpart: {keys[:8]}"
                          f"{' ...' if len(keys) > 8 else ''} (check the recipe (aux_heads types/order, with_dn) or "
-                         "pass allow_unmatched=True)")
+                         "pass --allow-unmatched / allow_unmatched=True to keep only the converted part)")
     return out, report
 
 
 def _put(out: dict[str, Tensor], report: ConversionReport, src: str, dst: str, value: Tensor,
          target_set: set[str] | None) -> None:
-    if dst.endswith("num_batches_tracked") and (target_set is None or dst not in target_set):
+    if dst.endswith(DERIVED_BUFFERS) and (target_set is None or dst not in target_set):
         report.ignored.append(src)
         return
     if dst in out:
@@ -110,7 +111,7 @@ def _put(out: dict[str, Tensor], report: ConversionReport, src: str, dst: str, v
 
 
 def convert_mmdet3_dino(sd: Mapping[str, Tensor], *, target_keys: Iterable[str] | None = None,
-                        allow_unmatched: bool = False, backbone_key: Callable[[str], str | None] | None = None
+                        allow_unmatched: bool = False, backbone: str = "resnet"
                         ) -> tuple[dict[str, Tensor], ConversionReport]:
     """mmdet 3.x ``DINO`` state dict -> codetr (``backbone.*``, ``neck.*``, ``variant.*``).
 
@@ -118,24 +119,27 @@ def convert_mmdet3_dino(sd: Mapping[str, Tensor], *, target_keys: Iterable[str] 
         sd: the official state dict (a checkpoint with ``state_dict`` / ``model`` is unwrapped).
         target_keys: codetr model keys, to report missing ones (and keep BN counters that the model has).
         allow_unmatched: otherwise unconverted source keys raise ``ValueError``.
-        backbone_key: maps an official ``backbone.*`` key to a codetr backbone key (without the prefix);
-            default: the ResNet map (prefix stripped).
+        backbone: the recipe's ``model.backbone.type``: ``resnet`` or ``swin`` (official or mmdet Swin names;
+            :func:`codetr.convert.official.backbone_key_map`).
     """
     return _convert_all(sd, lambda k: None if (v := dino_key_mmdet3(k)) is None else "variant." + v,
-                        target_keys, allow_unmatched, backbone_key)
+                        target_keys, allow_unmatched, backbone)
 
 
 def convert_mmdet3_co_dino(sd: Mapping[str, Tensor], aux_head_types: Sequence[str], *,
                            target_keys: Iterable[str] | None = None, allow_unmatched: bool = False,
-                           backbone_key: Callable[[str], str | None] | None = None
-                           ) -> tuple[dict[str, Tensor], ConversionReport]:
-    """mmdet 3.x CO-DETR (``CoDETR`` + ``CoDINOHead``) state dict -> codetr, including the collaborative branch.
+                           backbone: str = "resnet") -> tuple[dict[str, Tensor], ConversionReport]:
+    """Co-DINO state dict -> codetr, including the collaborative branch.
+
+    Reads both official Co-DINO layouts: the mmdet 3.x ``projects/CO-DETR`` port (``CoDETR`` +
+    ``CoDINOHead``, ``query_head.dn_generator.label_embedding``, mmdet Swin names) and Sense-X Co-DETR /
+    mmdet 2.x (``query_head.label_embedding``, official ``SwinTransformerV1`` names); they differ only there.
 
     Args:
         sd: official state dict (or checkpoint).
         aux_head_types: the recipe's ``model.aux_heads[i].type`` in order, e.g. ``["faster_rcnn", "atss"]``
             (``[]`` converts the inference part only; the aux weights then are unmatched).
-        target_keys / allow_unmatched / backbone_key: as :func:`convert_mmdet3_dino`.
+        target_keys / allow_unmatched / backbone: as :func:`convert_mmdet3_dino`.
     """
     from codetr.heads.adapter import official_adapter_key_map
     from codetr.heads.atss import official_atss_key_map
@@ -174,12 +178,12 @@ def convert_mmdet3_co_dino(sd: Mapping[str, Tensor], aux_head_types: Sequence[st
             return None if sub is None else "variant." + sub
         return None
 
-    return _convert_all(sd, key_map, target_keys, allow_unmatched, backbone_key)
+    return _convert_all(sd, key_map, target_keys, allow_unmatched, backbone)
 
 
 def _convert_all(sd: Mapping[str, Tensor], key_map: Callable[[str], str | None], target_keys: Iterable[str] | None,
-                 allow_unmatched: bool, backbone_key: Callable[[str], str | None] | None
-                 ) -> tuple[dict[str, Tensor], ConversionReport]:
+                 allow_unmatched: bool, backbone: str) -> tuple[dict[str, Tensor], ConversionReport]:
+    bb_map = backbone_key_map(backbone)
     sd = _unwrap(sd)
     target_keys = None if target_keys is None else list(target_keys)
     target_set = None if target_keys is None else set(target_keys)
@@ -190,7 +194,7 @@ def _convert_all(sd: Mapping[str, Tensor], key_map: Callable[[str], str | None],
             key = key[len("module."):]
         dst: str | None
         if key.startswith("backbone."):
-            sub = backbone_key(key[len("backbone."):]) if backbone_key is not None else _backbone_key(key)
+            sub, value = bb_map(key[len("backbone."):], value)
             dst = None if sub is None else "backbone." + sub
         elif key.startswith("neck."):
             sub = _neck_key(key)

@@ -32,6 +32,7 @@ __all__ = [
     "convert_mmdet3_deformable",
     "deformable_key_sense_x",
     "deformable_key_mmdet3",
+    "backbone_key_map",
 ]
 
 CO_DETR_AUX_PATTERNS = (
@@ -50,8 +51,8 @@ class ConversionReport:
             once per decoder layer; codetr keeps index 0), mapped to the key they duplicate.
         unmatched: source keys not converted, with their tensors (e.g. Co-DETR aux heads).
         missing: target keys (from ``target_keys``) that received no tensor.
-        ignored: source keys deliberately dropped: BN ``num_batches_tracked`` counters, unless
-            ``target_keys`` contains them (a trainable-BN backbone).
+        ignored: source keys deliberately dropped: BN ``num_batches_tracked`` counters and Swin's derived
+            ``relative_position_index`` / ``attn_mask`` buffers, unless ``target_keys`` contains them.
     """
 
     matched: list[tuple[str, str]] = field(default_factory=list)
@@ -177,6 +178,33 @@ def _backbone_key(key: str) -> str | None:
     return _single(official_resnet_key_map, key)
 
 
+BackboneKeyMap = Callable[[str, Tensor], "tuple[str | None, Tensor]"]
+
+# buffers derived from the architecture: dropped unless the target model stores them
+DERIVED_BUFFERS = ("num_batches_tracked", "relative_position_index", "attn_mask")
+
+
+def backbone_key_map(backbone: str) -> BackboneKeyMap:
+    """The per-key map for official ``backbone.*`` tensors of a recipe's ``model.backbone.type``.
+
+    The returned function takes a key *without* the ``backbone.`` prefix and its tensor and returns the codetr
+    backbone key (``None``: no counterpart) and the (possibly re-laid-out) tensor:
+
+    * ``resnet``: mmdet / torchvision names (identical);
+    * ``swin``: official Co-DETR ``SwinTransformerV1`` names (``layers.*``, kept) or mmdet ``SwinTransformer``
+      names (``stages.*``, ``attn.w_msa``, ``ffn.layers``, ``patch_embed.projection``; patch-merging weights are
+      permuted from ``nn.Unfold`` order), as :func:`codetr.backbones.swin.official_swin_key_map`;
+    * anything else (a plugin backbone): names kept as they are.
+    """
+    if backbone == "resnet":
+        return lambda key, value: (_backbone_key("backbone." + key), value)
+    if backbone == "swin":
+        from codetr.backbones.swin import swin_key_from_official
+
+        return swin_key_from_official
+    return lambda key, value: (key, value)
+
+
 def _neck_key(key: str) -> str | None:
     from codetr.necks.channel_mapper import official_channel_mapper_key_map
 
@@ -193,7 +221,8 @@ def _unwrap(sd: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
 
 def _convert(sd: Mapping[str, Tensor], variant_key: Callable[[str], str | None], variant_prefix: str,
              keep_unmatched: tuple[str, ...], shared_heads: bool | None,
-             target_keys: Iterable[str] | None) -> tuple[dict[str, Tensor], ConversionReport]:
+             target_keys: Iterable[str] | None, backbone: str = "resnet") -> tuple[dict[str, Tensor], ConversionReport]:
+    bb_map = backbone_key_map(backbone)
     sd = _unwrap(sd)
     target_keys = None if target_keys is None else list(target_keys)
     target_set = set(target_keys or ())
@@ -207,7 +236,7 @@ def _convert(sd: Mapping[str, Tensor], variant_key: Callable[[str], str | None],
         if any(p.search(key) for p in aux):
             dst = None
         elif key.startswith("backbone."):
-            sub = _backbone_key(key)
+            sub, value = bb_map(key[len("backbone."):], value)
             dst = None if sub is None else "backbone." + sub
         elif key.startswith("neck."):
             sub = _neck_key(key)
@@ -218,8 +247,8 @@ def _convert(sd: Mapping[str, Tensor], variant_key: Callable[[str], str | None],
         if dst is None:
             report.unmatched[key] = value
             continue
-        if dst.endswith("num_batches_tracked") and (target_keys is None or dst not in target_set):
-            report.ignored.append(key)  # BN step counter: no effect on a frozen / eval BN
+        if dst.endswith(DERIVED_BUFFERS) and (target_keys is None or dst not in target_set):
+            report.ignored.append(key)  # BN step counter / Swin index buffers: no effect on the model
             continue
         if dst in out:
             raise ValueError(f"two source keys map to {dst!r}")
@@ -259,8 +288,8 @@ def _fold_shared_heads(out: dict[str, Tensor], report: ConversionReport, shared:
 
 
 def convert_sense_x_co_deformable(sd: Mapping[str, Tensor], *, head_prefix: str = "query_head.",
-                                  shared_heads: bool | None = None, target_keys: Iterable[str] | None = None
-                                  ) -> tuple[dict[str, Tensor], ConversionReport]:
+                                  shared_heads: bool | None = None, target_keys: Iterable[str] | None = None,
+                                  backbone: str = "resnet") -> tuple[dict[str, Tensor], ConversionReport]:
     """Sense-X Co-Deformable-DETR (or mmdet 2.x Deformable-DETR with ``head_prefix="bbox_head."``).
 
     Args:
@@ -269,13 +298,14 @@ def convert_sense_x_co_deformable(sd: Mapping[str, Tensor], *, head_prefix: str 
         shared_heads: official heads shared across layers (no box refinement): True/False, or None to
             detect (all per-layer copies identical).
         target_keys: codetr model keys (``model.state_dict().keys()``) to report missing ones.
+        backbone: the recipe's ``model.backbone.type`` (``resnet``, ``swin``; see :func:`backbone_key_map`).
     """
     keep = CO_DETR_AUX_PATTERNS if head_prefix == "query_head." else ()
-    return _convert(sd, deformable_key_sense_x, head_prefix, keep, shared_heads, target_keys)
+    return _convert(sd, deformable_key_sense_x, head_prefix, keep, shared_heads, target_keys, backbone)
 
 
 def convert_mmdet3_deformable(sd: Mapping[str, Tensor], *, shared_heads: bool | None = None,
-                              target_keys: Iterable[str] | None = None
+                              target_keys: Iterable[str] | None = None, backbone: str = "resnet"
                               ) -> tuple[dict[str, Tensor], ConversionReport]:
     """mmdet 3.x ``DeformableDETR`` (plain, ``with_box_refine``, ``as_two_stage``) state dict."""
-    return _convert(sd, deformable_key_mmdet3, "", (), shared_heads, target_keys)
+    return _convert(sd, deformable_key_mmdet3, "", (), shared_heads, target_keys, backbone)

@@ -22,7 +22,7 @@ __all__ = ["app"]
 
 app = typer.Typer(
     name="data",
-    help="Convert COCO datasets to webdataset shards, write synthetic data, inspect shards.",
+    help="Convert COCO datasets to webdataset shards, write synthetic data, inspect shards or COCO files.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -117,19 +117,32 @@ def synth_cmd(
 @app.command("inspect")
 @_friendly_errors
 def inspect_cmd(
-    path: Annotated[str, typer.Argument(help="index.json, a folder containing it, or a shard URL/brace pattern.")],
+    path: Annotated[str, typer.Argument(help="index.json, a folder containing it, a shard URL/brace pattern, "
+                                             "or a COCO annotation json (checked as `convert` would).")],
+    images: Annotated[Optional[Path], typer.Option("--images", help="Images folder of a COCO json (default: "
+                                                   "'images' next to the json, else the json's folder).")] = None,
     render: Annotated[int, typer.Option("--render", min=0, help="Also draw boxes on this many samples.")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for rendered PNGs (required with --render).")] = None,
     max_shards: Annotated[Optional[int], typer.Option("--max-shards", min=1, help="Only read the first N shards.")] = None,
 ) -> None:
-    """Print shard statistics (samples per shard, boxes per image, categories, box sizes).
+    """Print data statistics (samples per shard, boxes per image, categories, box sizes).
 
-    Sample counts are checked against index.json; corrupt samples are counted.
+    Shards: sample counts are checked against index.json; corrupt samples are counted. A COCO json is
+    validated exactly as `codetr data convert` would (nothing is written) and the same tables are printed.
     """
-    from codetr.data.inspect import inspect_shards, render_samples
+    from codetr.data.inspect import inspect_coco, inspect_shards, is_coco_json, render_samples
 
     if render and out is None:
         raise DataError("--render needs --out DIR for the PNG files")
+    if is_coco_json(path):
+        if render:
+            raise DataError("--render draws converted shards; convert the COCO file first (codetr data convert)")
+        if images is None:
+            images = Path(path).parent / "images" if (Path(path).parent / "images").is_dir() else Path(path).parent
+        inspect_coco(path, images, console=_out)
+        return
+    if images is not None:
+        raise DataError(f"--images only applies to a COCO annotation json; {path} is not one")
     inspect_shards(path, console=_out, max_shards=max_shards)
     if render:
         assert out is not None

@@ -1,4 +1,5 @@
-"""Look at converted data: shard statistics (:func:`inspect_shards`) and rendered samples (:func:`render_samples`).
+"""Look at data: shard statistics (:func:`inspect_shards`), the same statistics for a COCO json before
+conversion (:func:`inspect_coco`) and rendered samples (:func:`render_samples`).
 
 Both accept an ``index.json``, a directory holding one, or shard URLs/patterns. Statistics are computed
 from the per-sample annotations only (images are not decoded); the sample counts found in the shards
@@ -21,7 +22,7 @@ from codetr.data.decode import CorruptSampleError, decode_image, meta_to_target,
 from codetr.data.format import CategoryInfo, SampleMeta, load_index
 from codetr.data.transforms import TransformsConfig, build_transforms
 
-__all__ = ["ShardStats", "inspect_shards", "render_samples", "iter_shard_samples"]
+__all__ = ["ShardStats", "inspect_shards", "inspect_coco", "is_coco_json", "render_samples", "iter_shard_samples"]
 
 
 @dataclass
@@ -125,6 +126,56 @@ def inspect_shards(
     return stats
 
 
+def is_coco_json(path: str | os.PathLike[str]) -> bool:
+    """True for a COCO annotation file (top-level ``images`` and ``annotations``), False for an index.json."""
+    p = Path(path)
+    if p.suffix != ".json" or not p.is_file():
+        return False
+    with p.open("rb") as fh:
+        head = fh.read(1 << 16)
+    return (b'"annotations"' in head or b'"images"' in head) and b'"shards"' not in head
+
+
+def inspect_coco(
+    ann_file: str | os.PathLike[str],
+    images_dir: str | os.PathLike[str],
+    *,
+    console: Any | None = None,
+    show: bool = True,
+) -> ShardStats:
+    """Validate a COCO detection file as ``codetr data convert`` would and print the shard statistics for it.
+
+    Nothing is written. The checks and the clipping of boxes are those of the converter
+    (:func:`codetr.data.coco.prepare_coco`), so the numbers are what the shards will contain; the converter's
+    warnings (dropped or clipped boxes, ...) are listed under the tables. A file the converter would reject
+    raises :class:`~codetr.data.format.DataError` with every problem found.
+
+    Args:
+        ann_file: COCO json (``images``, ``annotations``, ``categories``).
+        images_dir: folder the ``file_name`` entries are relative to (needed for images without a size).
+        console / show: as :func:`inspect_shards`.
+    """
+    from codetr.data.coco import prepare_coco
+
+    prepared = prepare_coco(ann_file, images_dir)
+    stats = ShardStats(categories=list(prepared.categories))
+    boxes = 0
+    for record in prepared.records:
+        meta = SampleMeta(**record.meta)
+        boxes += meta.num_boxes
+        _accumulate(stats, meta)
+    stats.shards.append({"url": str(ann_file), "samples": stats.num_samples, "declared": None, "boxes": boxes,
+                         "corrupt": 0})
+    if show:
+        _print(stats, console, source="COCO file")
+        from rich.console import Console
+
+        out = console or Console()
+        for w in prepared.warnings:
+            out.print(f"[yellow]convert would warn:[/yellow] {w}")
+    return stats
+
+
 def _accumulate(stats: ShardStats, meta: SampleMeta) -> None:
     stats.num_samples += 1
     stats.num_boxes += meta.num_boxes
@@ -145,14 +196,14 @@ def _accumulate(stats: ShardStats, meta: SampleMeta) -> None:
         stats.aspect_ratios.append(w / h)
 
 
-def _print(stats: ShardStats, console: Any | None) -> None:
+def _print(stats: ShardStats, console: Any | None, source: str = "shard") -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
-    t = Table(title="shards", title_justify="left")
-    for col in ("shard", "samples", "index says", "boxes", "corrupt"):
-        t.add_column(col, justify="left" if col == "shard" else "right")
+    t = Table(title=f"{source}s", title_justify="left")
+    for col in (source, "samples", "index says", "boxes", "corrupt"):
+        t.add_column(col, justify="left" if col == source else "right")
     for s in stats.shards:
         bad = s["declared"] is not None and s["declared"] != s["samples"]
         t.add_row(

@@ -2,9 +2,10 @@
 
 * :class:`RoIExtractor`: every RoI is pooled from one pyramid level chosen by its scale,
   ``level = clamp(floor(log2(sqrt(w * h) / finest_scale + 1e-6)), 0, L - 1)``, with
-  ``torchvision.ops.roi_align`` (``aligned=True``, ``sampling_ratio`` 0 = adaptive, spatial scale
-  ``1 / stride``), which is bit-identical to MMCV's ``RoIAlign``. An unused level still enters the graph
-  as ``feats.sum() * 0`` (as the official extractor), so distributed training sees every input used.
+  :func:`codetr.ops.roi_align.roi_align` (``aligned=True``, ``sampling_ratio`` 0 = adaptive, spatial scale
+  ``1 / stride``): torchvision's RoIAlign (bit-identical to MMCV's) with a faster CPU path. An unused
+  level still enters the graph as ``feats.sum() * 0`` (as the official extractor), so distributed training
+  sees every input used.
 * :class:`Shared2FCBBoxHead`: flatten -> ``shared_fcs`` (Linear + ReLU, twice) -> ``fc_cls``
   (``num_classes + 1`` softmax logits, background last) and ``fc_reg`` (``4 * num_classes``
   class-specific deltas, or 4 when class-agnostic). Parameter names equal the official
@@ -18,7 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import roi_align
+
+from codetr.ops.roi_align import roi_align
 
 __all__ = ["boxes_to_rois", "map_roi_levels", "RoIExtractor", "Shared2FCBBoxHead"]
 
@@ -60,14 +62,12 @@ class RoIExtractor(nn.Module):
         if rois.shape[0] == 0:
             return out + sum(f.sum() * 0.0 for f in feats)
         if len(feats) == 1:
-            return roi_align(feats[0], rois.to(feats[0].dtype), (s, s), 1.0 / self.strides[0],
-                             self.sampling_ratio, self.aligned)
+            return roi_align(feats[0], rois, s, 1.0 / self.strides[0], self.sampling_ratio, self.aligned)
         lvls = map_roi_levels(rois, len(feats), self.finest_scale)
         for i, f in enumerate(feats):
             inds = (lvls == i).nonzero(as_tuple=False).squeeze(1)
             if inds.numel() > 0:
-                out[inds] = roi_align(f, rois[inds].to(f.dtype), (s, s), 1.0 / self.strides[i],
-                                      self.sampling_ratio, self.aligned)
+                out[inds] = roi_align(f, rois[inds], s, 1.0 / self.strides[i], self.sampling_ratio, self.aligned)
             else:
                 out = out + f.sum() * 0.0
         return out

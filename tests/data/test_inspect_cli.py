@@ -95,3 +95,27 @@ def test_inspect_accepts_patterns_and_pipes(shard_dir):
     pipes = [f"pipe:cat {shard_dir / f'shard-00000{i}.tar'}" for i in range(2)]
     stats = inspect_shards(pipes, show=False)
     assert stats.num_samples == 8 and stats.categories is None
+
+
+def test_inspect_coco_json_equals_shard_statistics(synth_set, shard_dir, tmp_path):
+    from codetr.data.inspect import inspect_coco, is_coco_json
+
+    assert is_coco_json(synth_set.ann_file) and not is_coco_json(shard_dir / "index.json")
+    coco = inspect_coco(synth_set.ann_file, synth_set.images_dir, show=False)
+    shards = inspect_shards(shard_dir, show=False)
+    for field in ("num_samples", "num_boxes", "boxes_per_image", "category_boxes", "category_images",
+                  "size_buckets", "image_widths", "crowd_boxes", "images_without_boxes"):
+        assert getattr(coco, field) == getattr(shards, field), field
+
+    result = runner.invoke(app, ["inspect", str(synth_set.ann_file), "--images", str(synth_set.images_dir)])
+    assert result.exit_code == 0, result.output
+    assert "COCO file" in result.output and "categories" in result.output and "boxes / image" in result.output
+
+    # a file the converter would reject: the same readable error, nothing written
+    bad = json.loads(synth_set.ann_file.read_text())
+    bad["annotations"][0]["category_id"] = 999
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    result = runner.invoke(app, ["inspect", str(tmp_path / "bad.json"), "--images", str(synth_set.images_dir)])
+    assert result.exit_code == 1 and "999" in result.output
+    result = runner.invoke(app, ["inspect", str(shard_dir), "--images", str(synth_set.images_dir)])
+    assert result.exit_code == 1 and "only applies to a COCO annotation json" in result.output

@@ -79,7 +79,7 @@ def save_prediction_grid(model, recipe, split_dir: Path, path: Path, num_images:
     from codetr.data.decode import meta_to_target
     from codetr.data.loader import CocoFolderDataset
     from codetr.data.transforms import build_transforms
-    from codetr.engine.visualize import draw_side_by_side
+    from codetr.engine.visualize import display_threshold, draw_side_by_side
 
     detector = getattr(model, "module", model)
     dataset = CocoFolderDataset(split_dir / "annotations.json", split_dir / "images",
@@ -95,7 +95,7 @@ def save_prediction_grid(model, recipe, split_dir: Path, path: Path, num_images:
             det = detector.predict(batch)[0].to("cpu")
         original = Image.open(dataset.records[index].path).convert("RGB")
         gt = meta_to_target(dataset.meta(index))
-        rows.append(draw_side_by_side(original, gt, det, names, score_threshold=0.3))
+        rows.append(draw_side_by_side(original, gt, det, names, score_threshold=display_threshold(det.scores, len(gt))))
     width = max(r.width for r in rows)
     grid = Image.new("RGB", (width, sum(r.height for r in rows) + 8 * (len(rows) - 1)), (255, 255, 255))
     y = 0

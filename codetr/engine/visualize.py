@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from codetr.core.structures import Detections, Target
 
-__all__ = ["class_color", "draw_detections", "draw_targets", "draw_side_by_side", "to_pil"]
+__all__ = ["class_color", "display_threshold", "draw_detections", "draw_targets", "draw_side_by_side", "to_pil"]
 
 
 def class_color(label: int) -> tuple[int, int, int]:
@@ -132,6 +132,19 @@ def _titled(image: Image.Image, title: str) -> Image.Image:
     return out
 
 
+def display_threshold(scores, num_objects: int, default: float = 0.3) -> float:
+    """Score threshold for drawing: ``default``, lowered to the ``num_objects``-th best score when fewer
+    detections reach it (an early, under-confident model still shows its best guesses). Floored at 0.01."""
+    import torch
+
+    scores = torch.as_tensor(scores).detach().flatten()
+    k = max(1, int(num_objects))
+    if scores.numel() == 0 or int((scores >= default).sum()) >= k:
+        return default
+    kth = float(scores.topk(min(k, scores.numel())).values[-1])
+    return max(0.01, min(default, kth))
+
+
 def draw_side_by_side(image, gt_target: Target, detections: Detections, class_names: Sequence[str] | None,
                       path: str | Path | None = None, score_threshold: float = 0.3) -> Image.Image:
     """Ground truth (left) next to predictions (right) on the same image; saved to ``path`` when given.
@@ -142,7 +155,7 @@ def draw_side_by_side(image, gt_target: Target, detections: Detections, class_na
     left = _titled(draw_targets(pil, gt_target, class_names), f"ground truth ({len(gt_target)})")
     n_shown = int((detections.scores.detach().cpu() >= score_threshold).sum())
     right = _titled(draw_detections(pil, detections, class_names, score_threshold),
-                    f"predictions ({n_shown}, score >= {score_threshold:g})")
+                    f"predictions ({n_shown}, score >= {score_threshold:.2g})")
     gap = 8
     out = Image.new("RGB", (left.width + right.width + gap, max(left.height, right.height)), (255, 255, 255))
     out.paste(left, (0, 0))

@@ -83,12 +83,11 @@ def _training_memory(recipe: str, name: str, steps: int) -> float:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batches = _batches(r, steps)
     before = _proc_status_mib("VmRSS")
-    if before is None or not _reset_peak():
-        for b in batches:
-            _step(model.train(), opt, b)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    delta = before is not None and _reset_peak()
     for b in batches:
         _step(model.train(), opt, b)
+    if not delta:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return (_proc_status_mib("VmHWM") or 0.0) - before
 
 

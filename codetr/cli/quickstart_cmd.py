@@ -95,7 +95,8 @@ def save_prediction_grid(model, recipe, split_dir: Path, path: Path, num_images:
             det = detector.predict(batch)[0].to("cpu")
         original = Image.open(dataset.records[index].path).convert("RGB")
         gt = meta_to_target(dataset.meta(index))
-        rows.append(draw_side_by_side(original, gt, det, names, score_threshold=display_threshold(det.scores, len(gt))))
+        threshold = display_threshold(det.scores, len(gt))
+        rows.append(draw_side_by_side(original, gt, det, names, score_threshold=threshold))
     width = max(r.width for r in rows)
     grid = Image.new("RGB", (width, sum(r.height for r in rows) + 8 * (len(rows) - 1)), (255, 255, 255))
     y = 0

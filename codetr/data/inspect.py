@@ -167,12 +167,12 @@ def inspect_coco(
     stats.shards.append({"url": str(ann_file), "samples": stats.num_samples, "declared": None, "boxes": boxes,
                          "corrupt": 0})
     if show:
-        _print(stats, console, source="COCO file")
         from rich.console import Console
 
-        out = console or Console()
+        console = console or Console()
+        _print(stats, console, source="COCO file")
         for w in prepared.warnings:
-            out.print(f"[yellow]convert would warn:[/yellow] {w}")
+            console.print(f"[yellow]convert would warn:[/yellow] {w}")
     return stats
 
 

@@ -193,14 +193,25 @@ def test_autocast_bf16_cpu_keeps_fp32_sampling(monkeypatch):
 
 
 # --------------------------------------------------------------------------- module
-def _module(c=16, h=2, nl=len(SHAPES), p=3, seed=0, **kw) -> MultiScaleDeformableAttention:
+def _module(c=16, h=2, nl=len(SHAPES), p=3, seed=0, perturb=0.1, **kw) -> MultiScaleDeformableAttention:
     torch.manual_seed(seed)
     m = MultiScaleDeformableAttention(embed_dims=c, num_heads=h, num_levels=nl, num_points=p, **kw).double()
     # perturb so offsets / attention depend on the query
     with torch.no_grad():
         for prm in m.parameters():
-            prm.add_(0.1 * torch.randn_like(prm))
+            prm.add_(perturb * torch.randn_like(prm))
     return m
+
+
+def module_inputs(seed: int, q: int, ref_dim: int, b: int = 2, c: int = 16):
+    """fp64 (query, value, query_pos, reference_points) for a module over ``SHAPES``."""
+    g = torch.Generator().manual_seed(seed)
+    s = sum(a * w for a, w in SHAPES)
+    query = torch.randn(b, q, c, generator=g, dtype=torch.float64)
+    value = torch.randn(b, s, c, generator=g, dtype=torch.float64)
+    pos = torch.randn(b, q, c, generator=g, dtype=torch.float64)
+    ref = torch.rand(b, q, len(SHAPES), ref_dim, generator=g, dtype=torch.float64)
+    return query, value, pos, ref
 
 
 def _manual(m: MultiScaleDeformableAttention, query, value, ref, shapes, mask=None, identity=None, pos=None):
@@ -230,12 +241,7 @@ def _manual(m: MultiScaleDeformableAttention, query, value, ref, shapes, mask=No
 @pytest.mark.parametrize("ref_dim", [2, 4])
 def test_module_matches_manual(ref_dim):
     m = _module()
-    g = torch.Generator().manual_seed(11)
-    s = sum(a * c for a, c in SHAPES)
-    query = torch.randn(2, 4, 16, generator=g, dtype=torch.float64)
-    value = torch.randn(2, s, 16, generator=g, dtype=torch.float64)
-    pos = torch.randn(2, 4, 16, generator=g, dtype=torch.float64)
-    ref = torch.rand(2, 4, len(SHAPES), ref_dim, generator=g, dtype=torch.float64)
+    query, value, pos, ref = module_inputs(11, 4, ref_dim)
     got = m(query, value, ref, SHAPES, query_pos=pos)
     want = _manual(m, query, value, ref, SHAPES, pos=pos)
     assert (got - want).abs().max().item() <= 1e-10

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from codetr.ops.msda import MultiScaleDeformableAttention, multi_scale_deformable_attn
-
-SHAPES = [(6, 4), (3, 2), (2, 5), (1, 1)]
+from tests.ops.test_msda import SHAPES, module_inputs
+from tests.ops.test_msda import _module as msda_module
 
 
 def _inputs(b=2, q=7, h=3, dh=5, p=3, shapes=SHAPES, lo=-0.3, hi=1.3, dtype=torch.float64, seed=0):
@@ -107,24 +107,13 @@ def test_unknown_method():
 
 
 def _module(method: str, seed: int = 0) -> MultiScaleDeformableAttention:
-    torch.manual_seed(seed)
-    m = MultiScaleDeformableAttention(embed_dims=16, num_heads=2, num_levels=len(SHAPES), num_points=3,
-                                      method=method).double()
-    with torch.no_grad():
-        for prm in m.parameters():
-            prm.add_(0.3 * torch.randn_like(prm))
-    return m
+    return msda_module(seed=seed, perturb=0.3, method=method)
 
 
 @pytest.mark.parametrize("ref_dim", [2, 4])
 def test_module_methods_agree_with_padding_mask(ref_dim):
-    g = torch.Generator().manual_seed(9)
-    s = sum(a * c for a, c in SHAPES)
-    query = torch.randn(2, 5, 16, generator=g, dtype=torch.float64)
-    value = torch.randn(2, s, 16, generator=g, dtype=torch.float64)
-    pos = torch.randn(2, 5, 16, generator=g, dtype=torch.float64)
-    ref = torch.rand(2, 5, len(SHAPES), ref_dim, generator=g, dtype=torch.float64)
-    mask = torch.zeros(2, s, dtype=torch.bool)
+    query, value, pos, ref = module_inputs(9, 5, ref_dim)
+    mask = torch.zeros(2, value.shape[1], dtype=torch.bool)
     mask[1, 10:20] = True
     grid, gather = _module("grid_sample"), _module("gather")
     outs, grads = [], []

@@ -33,8 +33,8 @@ CONFIGS = {
 
 
 def _build(recipe: str, overrides: list[str]):
-    from codetr.core.build import build_detector
-    from codetr.core.config import load_recipe
+    from codetr.assembly import build_detector
+    from codetr.assembly import load_recipe
 
     r = load_recipe(recipe, overrides)
     torch.manual_seed(0)

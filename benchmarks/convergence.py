@@ -35,7 +35,7 @@ CONFIGS = {
 def run(recipe: str, config: str, seed: int, iterations: int, data_dir: str, out_root: Path) -> dict:
     from rich.console import Console
 
-    from codetr.core.config import load_recipe
+    from codetr.assembly import load_recipe
     from codetr.engine.trainer import Trainer
 
     milestone = max(1, int(iterations * 0.85))

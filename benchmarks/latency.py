@@ -50,8 +50,8 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from codetr.convert.hf import convert_hf_deformable_detr, hf_recipe_model  # noqa: E402
-from codetr.core.build import build_detector  # noqa: E402
-from codetr.core.config import load_recipe_dict  # noqa: E402
+from codetr.assembly import build_detector  # noqa: E402
+from codetr.assembly import load_recipe_dict  # noqa: E402
 from codetr.core.structures import Batch  # noqa: E402
 
 

@@ -5,4 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# the package layers contract ([tool.importlinter] in pyproject.toml): imports point down only
+.venv/bin/lint-imports --no-cache
 exec .venv/bin/python -m pytest "$@"

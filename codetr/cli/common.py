@@ -40,6 +40,6 @@ def user_errors() -> Iterator[None]:
 
 
 def load(recipe: Path, overrides: list[str] | None, read_data: bool = True):
-    from codetr.core.config import load_recipe
+    from codetr.assembly import load_recipe
 
     return load_recipe(recipe, overrides or [], read_data=read_data)

@@ -86,7 +86,7 @@ def convert(
     The recipe's model is built and the converted weights are loaded strictly: any missing or unexpected
     key is an error (unless --allow-unmatched), so a converted file always loads.
     """
-    from codetr.core.build import build_detector
+    from codetr.assembly import build_detector
     from codetr.core.config import recipe_to_yaml
     from codetr.engine.checkpoint import base_state, save_checkpoint
 

@@ -28,7 +28,7 @@ def quickstart(
     (COCO AP table), and save OUTPUT_DIR/predictions.png with ground truth next to predictions.
     Re-running continues or re-evaluates the previous run (use --fresh to start over).
     """
-    from codetr.core.config import load_recipe
+    from codetr.assembly import load_recipe
     from codetr.data.synth import make_synthetic_splits
 
     start = time.perf_counter()

@@ -310,7 +310,7 @@ def hf_recipe_model(config: Any, *, frozen_stages: int = 1, topk: int = 100) -> 
     """Recipe ``model`` section of the codetr detector equivalent to an HF ``DeformableDetrConfig``.
 
     Load it with ``load_recipe_dict({"name": ..., "model": hf_recipe_model(cfg), "schedule": {...}})`` and
-    :func:`codetr.core.build.build_detector`, then load :func:`convert_hf_deformable_detr`'s output with
+    :func:`codetr.assembly.build_detector`, then load :func:`convert_hf_deformable_detr`'s output with
     ``strict`` key checking. ``frozen_stages`` only affects training (HF 5.x with its own ResNet freezes the
     whole backbone, see detr_variants.md §3.3; 1 = stem + layer1, the official Deformable-DETR setting).
 

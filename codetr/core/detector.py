@@ -20,13 +20,12 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codetr.core.interfaces import DETRVariant, Memory
-from codetr.core.structures import Batch, Detections
+from codetr.core.structures import Batch, Detections, level_masks
 
-__all__ = ["Detector", "level_masks", "rescale_detections"]
+__all__ = ["Detector", "rescale_detections"]
 
 
 def _has_padding(batch: Batch) -> bool:
@@ -44,12 +43,6 @@ def rescale_detections(det: Detections, size_hw: Tensor, orig_hw: Tensor) -> Det
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, ow)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, oh)
     return Detections(boxes, det.scores, det.labels)
-
-
-def level_masks(mask: Tensor, shapes: list[tuple[int, int]]) -> list[Tensor]:
-    """Padding mask (B, H, W) True on padding -> one mask per level (B, H_l, W_l) (nearest resize, as official)."""
-    m = mask[None].float()
-    return [F.interpolate(m, size=s).to(torch.bool)[0] for s in shapes]
 
 
 class Detector(nn.Module):

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_convert
 
@@ -29,6 +30,8 @@ __all__ = [
     "cxcywh_to_xyxy",
     "normalize_boxes",
     "denormalize_boxes",
+    "resize_mask",
+    "level_masks",
 ]
 
 
@@ -56,6 +59,16 @@ def normalize_boxes(boxes_xyxy: Tensor, size_hw: Tensor) -> Tensor:
 def denormalize_boxes(boxes_cxcywh: Tensor, size_hw: Tensor) -> Tensor:
     """Normalised cxcywh (..., 4) -> absolute xyxy pixels; ``size_hw`` is (2,) or broadcastable (..., 2)."""
     return cxcywh_to_xyxy(boxes_cxcywh * _scale(size_hw).to(boxes_cxcywh))
+
+
+def resize_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """Padding mask (B, H, W) bool, True on padding -> (B, h, w) bool (nearest resize, as official)."""
+    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
+
+
+def level_masks(mask: Tensor, shapes: list[tuple[int, int]]) -> list[Tensor]:
+    """Padding mask (B, H, W) True on padding -> one mask per level (B, H_l, W_l) (see :func:`resize_mask`)."""
+    return [resize_mask(mask, s) for s in shapes]
 
 
 @dataclass

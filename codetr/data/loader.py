@@ -66,16 +66,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from codetr.core.config.data import CocoSourceConfig, DataSourceConfig
+from codetr.core.dist import get_rank, get_world_size, is_distributed
 from codetr.core.structures import Batch
 from codetr.data.coco import prepare_coco
 from codetr.data.collate import Sample, collate
 from codetr.data.decode import CorruptSampleError, blank_sample, decode_image, make_sample, parse_shard_sample
 from codetr.data.format import INDEX_FILENAME, CategoryInfo, DataError, SampleMeta, load_index
-from codetr.data.transforms import Transform, TransformPipeline, TransformsConfig, build_transforms, sample_rng
+from codetr.data.transforms import Transform, TransformPipeline, build_transforms, sample_rng
 
 __all__ = [
     "DatasetInfo",
@@ -145,8 +145,8 @@ def resolve_rank_world(rank: int | None = None, world_size: int | None = None) -
     ``RANK``/``WORLD_SIZE`` environment variables, else (0, 1). Call in the main process only."""
     if rank is not None and world_size is not None:
         r, w = int(rank), int(world_size)
-    elif torch.distributed.is_available() and torch.distributed.is_initialized():
-        r, w = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    elif is_distributed():
+        r, w = get_rank(), get_world_size()
     else:
         r = int(os.environ.get("RANK", "0")) if rank is None else int(rank)
         w = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else int(world_size)
@@ -1046,61 +1046,6 @@ class CocoFolderLoader(DetectionLoader):
 # ----------------------------------------------------------------------------------------------
 # config + builder
 # ----------------------------------------------------------------------------------------------
-
-
-class CocoSourceConfig(BaseModel):
-    """A COCO annotation file and the folder its ``file_name`` entries are relative to."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    ann_file: Path
-    images_dir: Path
-
-
-class DataSourceConfig(BaseModel):
-    """Where one split comes from and how it is batched. Exactly one of ``shards``/``index``/``coco``.
-
-    Attributes:
-        shards: shard URL(s) or brace pattern(s) (anything webdataset opens).
-        num_samples: total samples of ``shards`` (required unless an index.json sits next to them).
-        index: ``index.json`` or the directory holding it (output of ``codetr data convert``).
-        coco: annotation json + image folder, read directly (small sets, tests).
-        batch_size: images per batch per rank.
-        num_workers: loader processes per rank (0 = main process).
-        shuffle_buffer: training shuffle buffer in samples (streaming sources; 0 disables). It holds
-            raw samples, so it costs about ``shuffle_buffer x average image file size`` of RAM per worker
-            (~160 MB for COCO at 1000).
-        prefetch_factor: batches prefetched per worker.
-        size_divisor: pad batch canvases to a multiple of this.
-        transforms: augmentation recipe (train and eval pipelines are derived from it).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    shards: str | list[str] | None = None
-    num_samples: int | None = Field(default=None, gt=0)
-    index: Path | None = None
-    coco: CocoSourceConfig | None = None
-    batch_size: int = Field(default=2, gt=0)
-    num_workers: int = Field(default=2, ge=0)
-    shuffle_buffer: int = Field(default=1000, ge=0)
-    prefetch_factor: int = Field(default=2, gt=0)
-    size_divisor: int = Field(default=1, ge=1)
-    transforms: TransformsConfig = Field(default_factory=TransformsConfig)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "DataSourceConfig":
-        given = [name for name in ("shards", "index", "coco") if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                "exactly one of 'shards', 'index' or 'coco' must be set"
-                + (f" (got {', '.join(repr(g) for g in given)})" if given else " (got none)")
-            )
-        if self.num_samples is not None and self.shards is None:
-            raise ValueError("'num_samples' only applies to 'shards' (index/coco sources know their size)")
-        if isinstance(self.shards, list) and not self.shards:
-            raise ValueError("'shards' is an empty list")
-        return self
 
 
 def source_categories(cfg: DataSourceConfig | dict[str, Any]) -> list[dict[str, Any]] | None:

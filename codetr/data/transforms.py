@@ -31,15 +31,15 @@ Recipes (see :func:`build_transforms` / :class:`TransformsConfig`):
 from __future__ import annotations
 
 import random
-from typing import Literal, Protocol, Sequence, Union
+from typing import Protocol, Sequence, Union
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as F
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 
+from codetr.core.config.data import IMAGENET_MEAN, IMAGENET_STD, TransformsConfig
 from codetr.core.structures import Target
 
 __all__ = [
@@ -63,10 +63,6 @@ __all__ = [
     "denormalize_image",
     "sample_rng",
 ]
-
-#: ImageNet mean / std in 0-255 RGB units (inputs are 0-255, outputs are normalised float32).
-IMAGENET_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
-IMAGENET_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
 
 ImageLike = Union[Image.Image, Tensor]
 
@@ -328,54 +324,6 @@ class TransformPipeline:
 
     def __repr__(self) -> str:
         return f"TransformPipeline({self.geometric!r}, canvas_size={self.canvas_size})"
-
-
-_DETR_SCALES = [480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800]
-
-
-class TransformsConfig(BaseModel):
-    """Augmentation recipe (see the module docstring for what each ``kind`` does).
-
-    Sizes are pixels. ``scales`` / ``eval_size`` are short-side lengths; ``max_size`` caps the long side.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["detr", "lsj", "resize", "none"] = "detr"
-    scales: list[int] = Field(default_factory=lambda: list(_DETR_SCALES))
-    max_size: int = Field(default=1333, gt=0)
-    crop_resize_scales: list[int] = Field(default_factory=lambda: [400, 500, 600])
-    crop_size: tuple[int, int] = (384, 600)
-    eval_size: int = Field(default=800, gt=0)
-    lsj_image_size: int = Field(default=1024, gt=0)
-    lsj_scale_range: tuple[float, float] = (0.1, 2.0)
-    flip_prob: float = Field(default=0.5, ge=0.0, le=1.0)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    @field_validator("scales", "crop_resize_scales")
-    @classmethod
-    def _positive_list(cls, v: list[int]) -> list[int]:
-        if not v or any(s <= 0 for s in v):
-            raise ValueError("must be a non-empty list of positive sizes")
-        return v
-
-    @field_validator("std")
-    @classmethod
-    def _positive_std(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
-        if any(s <= 0 for s in v):
-            raise ValueError("std values must be > 0")
-        return v
-
-    @model_validator(mode="after")
-    def _check(self) -> "TransformsConfig":
-        lo, hi = self.crop_size
-        if not 0 < lo <= hi:
-            raise ValueError(f"crop_size must be (min, max) with 0 < min <= max, got {self.crop_size}")
-        slo, shi = self.lsj_scale_range
-        if not 0 < slo <= shi:
-            raise ValueError(f"lsj_scale_range must be (lo, hi) with 0 < lo <= hi, got {self.lsj_scale_range}")
-        return self
 
 
 def build_transforms(spec: TransformsConfig | dict | None, train: bool) -> TransformPipeline:

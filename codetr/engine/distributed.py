@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from codetr.core.dist import get_rank, get_world_size, is_distributed
+
 __all__ = [
     "DistInfo",
     "DistributedError",
@@ -78,18 +80,6 @@ class DistInfo:
 
 
 # --------------------------------------------------------------------------- queries
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def get_rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
 def get_local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) if is_distributed() else 0
 

@@ -102,7 +102,7 @@ def _eval_pipeline(recipe: "Recipe"):
 
 
 def _default_model_factory(model_cfg: Any) -> nn.Module:
-    from codetr.core.build import build_detector
+    from codetr.assembly import build_detector
 
     return build_detector(model_cfg)
 

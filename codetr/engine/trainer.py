@@ -165,7 +165,7 @@ def _recipe_yaml(recipe: "Recipe") -> str:
 
 
 def _default_model_factory(model_cfg: Any) -> nn.Module:
-    from codetr.core.build import build_detector
+    from codetr.assembly import build_detector
 
     return build_detector(model_cfg)
 
@@ -267,7 +267,7 @@ class Trainer:
         output_dir: overrides ``runtime.output_dir`` (default ``runs/<recipe name>``).
         weights: weights-only load after building (``codetr eval --checkpoint``); shape-aware, reported.
         train: build the training side (train loader, optimizer, schedule). ``False`` for evaluation only.
-        model_factory: ``model_cfg -> Detector``; default :func:`codetr.core.build.build_detector`.
+        model_factory: ``model_cfg -> Detector``; default :func:`codetr.assembly.build_detector`.
         loader_factory: ``(source_cfg, split, *, train, seed, device) -> loader``; default
             :func:`codetr.data.loader.build_loader`. A loader is an iterable of :class:`Batch` with an exact
             ``len()`` per rank; ``set_epoch``, ``state_dict``/``load_state_dict`` and ``info``

@@ -40,6 +40,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from codetr.core.dist import get_world_size
 from codetr.core.structures import Detections, Target
 
 __all__ = [
@@ -725,12 +726,6 @@ def evaluate_predictions_file(
 # --------------------------------------------------------------------------------------------------
 
 
-def _dist_world() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
 class CocoEvaluator:
     """Accumulates :class:`Detections` per image and computes COCO bbox metrics.
 
@@ -889,8 +884,8 @@ class CocoEvaluator:
 
         No-op without an initialised process group. Duplicated image ids across ranks are dropped.
         """
-        if _dist_world() > 1:
-            gathered: list[Any] = [None] * _dist_world()
+        if get_world_size() > 1:
+            gathered: list[Any] = [None] * get_world_size()
             torch.distributed.all_gather_object(gathered, (self._preds, self._targets))
             self._merge(gathered)
         self._synchronized = True
@@ -922,7 +917,7 @@ class CocoEvaluator:
 
     def compute(self) -> CocoMetrics:
         """COCO metrics over the images seen by :meth:`update` (and, under DDP, gathered)."""
-        if _dist_world() > 1 and not self._synchronized:
+        if get_world_size() > 1 and not self._synchronized:
             warnings.warn("CocoEvaluator.compute() under DDP without synchronize(): metrics cover this "
                           "rank's images only", stacklevel=2)
         if not self._preds:

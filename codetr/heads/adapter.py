@@ -27,13 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codetr.core.interfaces import FeaturePyramid, Memory
+from codetr.core.structures import level_masks, resize_mask
 
 __all__ = ["MultiScaleAdapter", "SingleScaleAdapter", "official_adapter_key_map", "memory_masks"]
-
-
-def _resize_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
-    """(B, H, W) bool -> (B, h, w) bool, nearest (as ``Detector.level_masks``)."""
-    return F.interpolate(mask[None].float(), size=size).to(torch.bool)[0]
 
 
 def memory_masks(memory: Memory) -> list[Tensor]:
@@ -48,7 +44,7 @@ def memory_masks(memory: Memory) -> list[Tensor]:
 
 def _default_masks(levels: list[Tensor], image_mask: Tensor | None) -> list[Tensor]:
     if image_mask is not None:
-        return [_resize_mask(image_mask, tuple(x.shape[-2:])) for x in levels]
+        return level_masks(image_mask, [tuple(x.shape[-2:]) for x in levels])
     return [torch.zeros(x.shape[0], *x.shape[-2:], dtype=torch.bool, device=x.device) for x in levels]
 
 
@@ -95,7 +91,7 @@ class MultiScaleAdapter(nn.Module):
         for block in self.blocks():
             x = block(maps[-1])
             size = tuple(x.shape[-2:])
-            masks.append(_resize_mask(image_mask if image_mask is not None else masks[-1], size))
+            masks.append(resize_mask(image_mask if image_mask is not None else masks[-1], size))
             maps.append(x)
             strides.append(strides[-1] * 2)
         return FeaturePyramid(maps=maps, strides=strides, masks=masks)
@@ -140,7 +136,7 @@ class SingleScaleAdapter(nn.Module):
             raise ValueError(f"stride {stride} cannot be upsampled {self.num_up} times by 2")
 
         def new_mask(ref: Tensor, size: tuple[int, int]) -> Tensor:
-            return _resize_mask(image_mask if image_mask is not None else ref, size)
+            return resize_mask(image_mask if image_mask is not None else ref, size)
 
         fine_maps, fine_masks, fine_strides = [], [], []
         cur, cur_mask, cur_stride = x, mask, stride

@@ -57,9 +57,11 @@ from codetr.assigners.atss import ATSSAssigner, ATSSAssignerConfig
 from codetr.core.interfaces import (AssignResult, AuxHead, AuxHeadOutput, FeaturePyramid, OneToManyAssigner,
                                     PositiveCoords)
 from codetr.core.registry import Component, ComponentConfig, component_field, registry
+from codetr.core.dist import reduce_mean
 from codetr.core.structures import Batch, Detections
 from codetr.heads.anchors import AnchorGenerator
 from codetr.heads.box_coder import DeltaXYWHCoder
+from codetr.heads.losses import giou_loss_mmdet, sigmoid_focal_loss_mmdet
 
 __all__ = [
     "ATSSHeadConfig",
@@ -163,45 +165,6 @@ class ATSSTargets:
     gt_index: Tensor
     max_iou: Tensor
     num_pos: list[int]
-
-
-def _reduce_mean(t: Tensor) -> Tensor:
-    """Mean over distributed ranks (identity when not distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        ws = torch.distributed.get_world_size()
-        if ws > 1:
-            t = t.clone()
-            torch.distributed.all_reduce(t.div_(ws))
-    return t
-
-
-def _focal_loss(logits: Tensor, labels: Tensor, alpha: float, gamma: float) -> Tensor:
-    """Element-wise sigmoid focal loss (MMDetection ``py_sigmoid_focal_loss`` operation order)."""
-    c = logits.shape[-1]
-    target = torch.zeros_like(logits)
-    pos = (labels >= 0) & (labels < c)
-    target[pos, labels[pos]] = 1.0  # one-hot without the background column (no (N, C + 1) int64 temporary)
-    p = logits.sigmoid()
-    pt = (1 - p) * target + p * (1 - target)
-    focal_weight = (alpha * target + (1 - alpha) * (1 - target)) * pt.pow(gamma)
-    return F.binary_cross_entropy_with_logits(logits, target, reduction="none") * focal_weight
-
-
-def _giou_loss(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
-    """(N,) 1 - GIoU of aligned xyxy pairs (MMDetection ``bbox_overlaps(mode='giou', is_aligned=True)``)."""
-    area1 = (pred[:, 2] - pred[:, 0]) * (pred[:, 3] - pred[:, 1])
-    area2 = (target[:, 2] - target[:, 0]) * (target[:, 3] - target[:, 1])
-    lt = torch.maximum(pred[:, :2], target[:, :2])
-    rb = torch.minimum(pred[:, 2:], target[:, 2:])
-    wh = (rb - lt).clamp(min=0)
-    overlap = wh[:, 0] * wh[:, 1]
-    union = area1 + area2 - overlap
-    e = union.new_tensor([eps])
-    union = torch.maximum(union, e)
-    ious = overlap / union
-    enc_wh = (torch.maximum(pred[:, 2:], target[:, 2:]) - torch.minimum(pred[:, :2], target[:, :2])).clamp(min=0)
-    enc_area = torch.maximum(enc_wh[:, 0] * enc_wh[:, 1], e)
-    return 1 - (ious - (enc_area - union) / enc_area)
 
 
 def centerness_target(anchors: Tensor, gts: Tensor) -> Tensor:
@@ -387,7 +350,7 @@ class ATSSHead(AuxHead):
         cls_scores, bbox_preds, centernesses = outputs
         device = cls_scores[0].device
         num_total = sum(max(n, 1) for n in targets.num_pos)
-        avg = _reduce_mean(torch.tensor(float(num_total), dtype=torch.float32, device=device)).item()
+        avg = reduce_mean(torch.tensor(float(num_total), dtype=torch.float32, device=device)).item()
         avg = max(avg, 1.0)
 
         losses_cls, losses_bbox, losses_ctr, ctr_sums = [], [], [], []
@@ -405,7 +368,7 @@ class ATSSHead(AuxHead):
             weights = targets.label_weights[:, sl].reshape(-1)
             boxes = targets.bbox_targets[:, sl].reshape(-1, 4)
 
-            focal = _focal_loss(cls, labels, self.focal_alpha, self.focal_gamma) * weights[:, None]
+            focal = sigmoid_focal_loss_mmdet(cls, labels, self.focal_alpha, self.focal_gamma) * weights[:, None]
             losses_cls.append(self.loss_cls_weight * (focal.sum() / (avg + _FLOAT_EPS)))
 
             pos = ((labels >= 0) & (labels < self.num_classes)).nonzero().squeeze(1)
@@ -414,7 +377,7 @@ class ATSSHead(AuxHead):
                 pos_boxes = boxes[pos]
                 ctr_t = centerness_target(pos_anchors, pos_boxes)
                 decoded = self.coder.decode(pos_anchors, reg[pos])
-                giou = _giou_loss(decoded, pos_boxes)
+                giou = giou_loss_mmdet(decoded, pos_boxes, eps=1e-7)
                 if bool((ctr_t > 0).any()):
                     lb = self.loss_bbox_weight * ((giou * ctr_t).sum() / (1.0 + _FLOAT_EPS))
                 else:  # official GIoULoss shortcut when every weight is zero
@@ -429,7 +392,7 @@ class ATSSHead(AuxHead):
             losses_bbox.append(lb)
             losses_ctr.append(lc)
 
-        bbox_avg = _reduce_mean(torch.stack(ctr_sums).sum().detach()).clamp(min=1).item()
+        bbox_avg = reduce_mean(torch.stack(ctr_sums).sum().detach()).clamp(min=1).item()
         s = self.loss_scale
         return {
             "loss_cls": [x * s for x in losses_cls],

@@ -21,7 +21,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from codetr.core.interfaces import AuxHead, DETRVariant, FeaturePyramid, Memory, QueryEncoder
-from codetr.core.structures import Batch, Detections
+from codetr.core.structures import Batch, Detections, level_masks
 
 __all__ = ["CollaborativeBranch"]
 
@@ -48,8 +48,6 @@ class CollaborativeBranch(nn.Module):
         self.with_heads_loss = with_heads_loss
 
     def pyramid(self, memory: Memory, batch: Batch) -> FeaturePyramid:
-        from codetr.core.detector import level_masks
-
         levels = memory.levels()
         return self.adapter(levels, level_masks(batch.masks, [tuple(x.shape[-2:]) for x in levels]),
                             list(memory.inputs.strides))

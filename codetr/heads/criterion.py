@@ -40,15 +40,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
-import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from codetr.assigners.hungarian import HungarianAssigner, HungarianAssignerConfig
+from codetr.core.config.criterion import SetCriterionConfig
+from codetr.core.dist import get_world_size, reduce_mean
 from codetr.core.interfaces import AuxTargets, DecoderOutputs, MatchResult
+from codetr.core.registry import registry
 from codetr.core.structures import Batch, cxcywh_to_xyxy, normalize_boxes
 from codetr.heads.losses import aligned_iou, giou_loss, l1_loss, quality_focal_loss, sigmoid_focal_loss
 
@@ -75,50 +74,12 @@ def loss_name(term: str, layer: int | None, num_layers: int, prefix: str = "", s
     return f"{head}{prefix}loss_{term}{suffix}"
 
 
-class SetCriterionConfig(BaseModel):
-    """Loss configuration of the one-to-one branch (defaults: official Deformable-DETR / Co-Deformable-DETR).
-
-    Co-DINO: ``cls_loss="qfl", cls_weight=1.0, enc_loss="class"`` (the matching cost stays focal 2.0).
-    """
-
-    # extra="forbid" like every codetr config; not pydantic strict mode, so YAML values such as `1e-8`
-    # (a string for PyYAML) and ints for float fields still validate.
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    cls_loss: Literal["focal", "qfl"] = "focal"
-    cls_weight: float = Field(2.0, ge=0)
-    bbox_weight: float = Field(5.0, ge=0)
-    giou_weight: float = Field(2.0, ge=0)
-    focal_alpha: float = Field(0.25, ge=0, le=1)
-    focal_gamma: float = Field(2.0, ge=0)
-    qfl_beta: float = Field(2.0, ge=0)
-    enc_loss: Literal["binary", "class", "none"] = "binary"
-    sync_cls_avg_factor: bool = True
-    matcher: HungarianAssignerConfig = Field(default_factory=HungarianAssignerConfig)
-
-
 @dataclass
 class CriterionResult:
     """Losses plus the matches that produced them (``"d{i}"`` per decoder layer, ``"enc"``)."""
 
     losses: dict[str, Tensor]
     matches: dict[str, list[MatchResult]] = field(default_factory=dict)
-
-
-def _world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def _reduce_mean(value: float, device: torch.device) -> float:
-    """Mean of a python number over all ranks (identity when not distributed; one sync otherwise)."""
-    world = _world_size()
-    if world == 1:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float32, device=device)
-    dist.all_reduce(t)
-    return float(t.item()) / world
 
 
 def _size_scale(image_sizes: Tensor) -> Tensor:
@@ -133,7 +94,7 @@ class SetCriterion(nn.Module):
     def __init__(self, cfg: SetCriterionConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg or SetCriterionConfig()
-        self.matcher = HungarianAssigner(self.cfg.matcher)
+        self.matcher = registry.build("assigners", self.cfg.matcher)
 
     def extra_repr(self) -> str:
         c = self.cfg
@@ -154,7 +115,10 @@ class SetCriterion(nn.Module):
 
     def _normalisers(self, num_pos: float, device: torch.device) -> tuple[float, float]:
         """(cls_avg_factor, box_avg_factor), both >= 1, as in MMDetection ``DETRHead.loss_single``."""
-        mean = _reduce_mean(num_pos, device)
+        if get_world_size() == 1:
+            mean = float(num_pos)
+        else:
+            mean = float(reduce_mean(torch.tensor([float(num_pos)], dtype=torch.float32, device=device)).item())
         cls = mean if self.cfg.sync_cls_avg_factor else float(num_pos)
         return max(cls, 1.0), max(mean, 1.0)
 

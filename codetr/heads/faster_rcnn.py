@@ -59,7 +59,8 @@ from codetr.core.registry import Component, ComponentConfig
 from codetr.core.structures import Batch, Detections
 from codetr.heads.anchors import AnchorGenerator, anchor_inside_flags
 from codetr.heads.box_coder import DeltaXYWHCoder
-from codetr.heads.nms import multiclass_nms
+from codetr.heads.losses import giou_loss_mmdet
+from codetr.ops.nms import multiclass_nms
 from codetr.heads.roi_head import RoIExtractor, Shared2FCBBoxHead, boxes_to_rois
 from codetr.heads.rpn import ProposalSettings, RPNConvHead, rpn_proposals
 
@@ -159,25 +160,6 @@ class FasterRCNNHeadConfig(ComponentConfig):
 # --------------------------------------------------------------------------- loss helpers (mmdet style)
 def _reduce(loss: Tensor, weight: Tensor, avg_factor: float) -> Tensor:
     return (loss * weight).sum() / (avg_factor + _EPS)
-
-
-def _giou_loss_mmdet(pred: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
-    """(N,) ``1 - GIoU`` of aligned pairs, MMDetection ``bbox_overlaps(mode='giou', is_aligned=True)``."""
-    area1 = (pred[:, 2] - pred[:, 0]) * (pred[:, 3] - pred[:, 1])
-    area2 = (target[:, 2] - target[:, 0]) * (target[:, 3] - target[:, 1])
-    lt = torch.max(pred[:, :2], target[:, :2])
-    rb = torch.min(pred[:, 2:], target[:, 2:])
-    wh = (rb - lt).clamp(min=0)
-    overlap = wh[:, 0] * wh[:, 1]
-    union = area1 + area2 - overlap
-    enc_lt = torch.min(pred[:, :2], target[:, :2])
-    enc_rb = torch.max(pred[:, 2:], target[:, 2:])
-    eps_t = union.new_tensor([eps])
-    union = torch.max(union, eps_t)
-    ious = overlap / union
-    enc_wh = (enc_rb - enc_lt).clamp(min=0)
-    enc_area = torch.max(enc_wh[:, 0] * enc_wh[:, 1], eps_t)
-    return 1 - (ious - (enc_area - union) / enc_area)
 
 
 def _accuracy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -418,7 +400,7 @@ class FasterRCNNHead(AuxHead):
                 pos_pred = decoded.view(decoded.shape[0], 4)[pos]
             else:
                 pos_pred = decoded.view(decoded.shape[0], -1, 4)[pos, labels_all[pos]]
-            giou = _giou_loss_mmdet(pos_pred, box_t_all[pos])
+            giou = giou_loss_mmdet(pos_pred, box_t_all[pos], eps=1e-6)
             loss_bbox = w_reg * _reduce(giou, box_w_all[pos].mean(-1), float(box_t_all.shape[0]))
         else:
             loss_bbox = bbox_pred[pos].sum()

@@ -7,6 +7,10 @@ official normalisers (sum / number of positives). Conventions:
   ``== C`` (one-hot over ``C + 1`` columns, last column dropped, so background rows are all-zero);
 * boxes are (N, 4) and aligned pairwise (row i of ``pred`` against row i of ``target``).
 
+Two terms exist in two numerically distinct forms, under explicit names: the torchvision-based
+``sigmoid_focal_loss`` / ``giou_loss`` (DETR criterion) and ``sigmoid_focal_loss_mmdet`` /
+``giou_loss_mmdet``, which keep MMDetection's exact operation order for the aux heads' parity.
+
 Official counterparts (for parity, paraphrased, not copied): MMDetection ``FocalLoss`` (sigmoid path),
 ``QualityFocalLoss`` (``use_sigmoid=True``), ``L1Loss``, ``GIoULoss`` and ``bbox_overlaps(...,
 is_aligned=True)``; Deformable-DETR ``sigmoid_focal_loss``.
@@ -26,6 +30,8 @@ __all__ = [
     "quality_focal_loss",
     "l1_loss",
     "giou_loss",
+    "sigmoid_focal_loss_mmdet",
+    "giou_loss_mmdet",
     "aligned_iou",
 ]
 
@@ -102,3 +108,39 @@ def aligned_iou(a_xyxy: Tensor, b_xyxy: Tensor, eps: float = 1e-6) -> Tensor:
     area_b = (b_xyxy[..., 2] - b_xyxy[..., 0]) * (b_xyxy[..., 3] - b_xyxy[..., 1])
     union = (area_a + area_b - inter).clamp(min=eps)
     return inter / union
+
+
+def sigmoid_focal_loss_mmdet(logits: Tensor, labels: Tensor, alpha: float, gamma: float) -> Tensor:
+    """(N, C) element-wise sigmoid focal loss in MMDetection ``py_sigmoid_focal_loss`` operation order.
+
+    ``labels`` (N,) int64, background = any value outside ``[0, C)``. Used by the ATSS head, whose parity
+    with the official head depends on this order (``sigmoid_focal_loss`` differs in the last bits).
+    """
+    c = logits.shape[-1]
+    target = torch.zeros_like(logits)
+    pos = (labels >= 0) & (labels < c)
+    target[pos, labels[pos]] = 1.0  # one-hot without the background column (no (N, C + 1) int64 temporary)
+    p = logits.sigmoid()
+    pt = (1 - p) * target + p * (1 - target)
+    focal_weight = (alpha * target + (1 - alpha) * (1 - target)) * pt.pow(gamma)
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none") * focal_weight
+
+
+def giou_loss_mmdet(pred: Tensor, target: Tensor, eps: float) -> Tensor:
+    """(N,) ``1 - GIoU`` of aligned xyxy pairs, MMDetection ``bbox_overlaps(mode='giou', is_aligned=True)``.
+
+    ``eps`` clamps the union and the enclosing area from below (mmdet ``GIoULoss``: 1e-6). Used by the aux
+    heads (ATSS, R-CNN) for parity with the official ones.
+    """
+    area1 = (pred[:, 2] - pred[:, 0]) * (pred[:, 3] - pred[:, 1])
+    area2 = (target[:, 2] - target[:, 0]) * (target[:, 3] - target[:, 1])
+    lt = torch.maximum(pred[:, :2], target[:, :2])
+    rb = torch.minimum(pred[:, 2:], target[:, 2:])
+    wh = (rb - lt).clamp(min=0)
+    overlap = wh[:, 0] * wh[:, 1]
+    e = overlap.new_tensor([eps])
+    union = torch.maximum(area1 + area2 - overlap, e)
+    ious = overlap / union
+    enc_wh = (torch.maximum(pred[:, 2:], target[:, 2:]) - torch.minimum(pred[:, :2], target[:, :2])).clamp(min=0)
+    enc_area = torch.maximum(enc_wh[:, 0] * enc_wh[:, 1], e)
+    return 1 - (ious - (enc_area - union) / enc_area)

@@ -38,15 +38,11 @@ from torch import Tensor, nn
 from codetr.core.interfaces import AuxTargets, FeaturePyramid, Memory, PositiveCoords, QueryEncoder, QueryGroup
 from codetr.core.registry import Component, ComponentConfig
 from codetr.core.structures import Batch, xyxy_to_cxcywh
+from codetr.ops.functional import inverse_sigmoid
 from codetr.ops.position import sine_box_embedding
 
 __all__ = ["PositiveQueriesConfig", "SelectedQueries", "select_positive_queries", "PositiveQueryEncoder",
            "COMPONENT"]
-
-
-def _inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
-    x = x.clamp(min=0, max=1)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
 @dataclass
@@ -187,7 +183,7 @@ class PositiveQueryEncoder(QueryEncoder):
         """(B, P, 4) normalised cxcywh (+ (B, P, C) feats) -> content (B, P, C), pos (B, P, C) or None."""
         c = self.cfg.hidden_dim
         # the official code embeds sigmoid(inverse_sigmoid(box)): reproduce its clamping exactly
-        boxes = _inverse_sigmoid(reference).sigmoid()
+        boxes = inverse_sigmoid(reference).sigmoid()
         pe = sine_box_embedding(boxes, num_feats=c // 2, temperature=self.cfg.pe_temperature, order="xywh")
         t = self.pos_norm[group](self.pos_trans[group](pe.to(self.pos_trans[group].weight.dtype)))
         if self.cfg.flavour == "deformable":

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codetr.heads.box_coder import DeltaXYWHCoder
-from codetr.heads.nms import batched_nms
+from codetr.ops.nms import batched_nms
 
 __all__ = ["RPNConvHead", "ProposalSettings", "rpn_proposals"]
 

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from codetr.heads.nms import offset_boxes_by_class
+from codetr.ops.nms import offset_boxes_by_class
 
 __all__ = ["soft_nms", "batched_soft_nms"]
 

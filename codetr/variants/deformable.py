@@ -40,9 +40,10 @@ from torch import Tensor, nn
 from codetr.core.interfaces import DecoderOutputs, DETRVariant, EncoderInputs, Memory, QueryGroup
 from codetr.core.registry import Component, ComponentConfig
 from codetr.core.structures import Batch
+from codetr.ops.functional import inverse_sigmoid
 from codetr.ops.position import SinePositionalEncoding, sine_box_embedding
 from codetr.variants.layers import (MLP, DeformableDecoderLayer, DeformableEncoderLayer, LayerStack,
-                                    encoder_reference_points, flatten_levels, grid_proposals, inverse_sigmoid,
+                                    encoder_reference_points, flatten_levels, grid_proposals,
                                     init_transformer_weights, run_encoder, valid_ratio)
 
 __all__ = ["PRESETS", "DeformableDETRConfig", "DeformableDETR", "build", "COMPONENT"]

@@ -67,9 +67,10 @@ from torch import Tensor, nn
 from codetr.core.interfaces import AuxTargets, DecoderOutputs, DETRVariant, EncoderInputs, Memory, QueryGroup
 from codetr.core.registry import Component, ComponentConfig
 from codetr.core.structures import Batch, xyxy_to_cxcywh
+from codetr.ops.functional import inverse_sigmoid
 from codetr.ops.position import SinePositionalEncoding, sine_box_embedding
 from codetr.variants.layers import (MLP, DeformableDecoderLayer, DeformableEncoderLayer, LayerStack,
-                                    flatten_levels, grid_proposals, init_transformer_weights, inverse_sigmoid,
+                                    flatten_levels, grid_proposals, init_transformer_weights,
                                     run_encoder)
 
 __all__ = ["DINOConfig", "DINO", "DenoisingGenerator", "DenoisingQueries", "dn_attention_mask",

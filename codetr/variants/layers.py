@@ -19,7 +19,6 @@ from codetr.core.interfaces import EncoderInputs
 from codetr.ops.msda import MultiScaleDeformableAttention
 
 __all__ = [
-    "inverse_sigmoid",
     "MLP",
     "FFN",
     "DeformableEncoderLayer",
@@ -32,12 +31,6 @@ __all__ = [
     "init_transformer_weights",
     "grid_proposals",
 ]
-
-
-def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
-    """``log(x / (1 - x))`` with ``x`` clamped to [0, 1] and both terms clamped to ``eps`` (official semantics)."""
-    x = x.clamp(min=0, max=1)
-    return (x.clamp(min=eps) / (1 - x).clamp(min=eps)).log()
 
 
 class MLP(nn.Module):

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from codetr.core.config import RecipeError, load_recipe, load_recipe_dict, recipe_to_yaml
+from codetr.assembly import load_recipe, load_recipe_dict
+from codetr.core.config import RecipeError, recipe_to_yaml
 from codetr.core.config.loader import apply_overrides, parse_override
 
 from .conftest import TOY_RECIPE

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from codetr.core.config import RecipeError, load_recipe_dict
+from codetr.assembly import load_recipe_dict
+from codetr.core.config import RecipeError
 from codetr.core.registry import ComponentError, registry
 
 from .conftest import TOY_RECIPE
@@ -110,8 +111,8 @@ def test_plugin_assigner_assigns(simota_installed):
 
 def test_plugin_assigner_trains_a_step(simota_installed):
     """The third-party assigner drives a real aux head through a training step of a real detector."""
-    from codetr.core.build import build_detector
-    from codetr.core.config import load_recipe
+    from codetr.assembly import build_detector
+    from codetr.assembly import load_recipe
     from codetr.core.structures import Batch, Target
 
     recipe = load_recipe(REPO / "recipes" / "tests" / "tiny.yaml", [

@@ -20,11 +20,11 @@ from .conftest import FakeDetector, make_recipe, quiet_console, recipe_dict
 @pytest.fixture
 def app(monkeypatch):
     from codetr.cli import train_cmd
-    from codetr.core.config import load_recipe
+    from codetr.assembly import load_recipe
     import codetr.engine.predict as predict_mod
     import codetr.engine.trainer as trainer_mod
 
-    # the fake detector stands in for codetr.core.build.build_detector
+    # the fake detector stands in for codetr.assembly.build_detector
     monkeypatch.setattr(trainer_mod, "_default_model_factory", lambda cfg: FakeDetector(cfg.num_classes))
     monkeypatch.setattr(predict_mod, "_default_model_factory", lambda cfg: FakeDetector(cfg.num_classes))
     # num_classes is given in the test recipes; do not depend on dataset category discovery here

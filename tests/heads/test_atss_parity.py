@@ -168,13 +168,16 @@ def test_codino_raw_outputs_and_predict(codino):
         torch.testing.assert_close(ctr[i], ev[f"centerness_{i}"], atol=LOGIT_ATOL, rtol=0)
     det = head.predict(pyr, codino["batch"])[0]
     assert len(det) == 100
-    # order-insensitive (README §6: near-tied scores may swap between thread counts)
-    ours = sorted(zip(det.scores.tolist(), det.labels.tolist(), det.boxes.tolist()))
-    theirs = sorted(zip(ev["pred_scores"].tolist(), ev["pred_labels"].tolist(), ev["pred_bboxes_xyxy"].tolist()))
-    for (s0, l0, b0), (s1, l1, b1) in zip(ours, theirs):
-        assert l0 == l1
-        assert abs(s0 - s1) < 1e-5
-        assert max(abs(x - y) for x, y in zip(b0, b1)) < BOX_ATOL
+    # order-insensitive (README §6: near-tied scores may swap between thread counts, so sorting both lists
+    # by score can pair two different detections): every detection must have its own official twin
+    ours = list(zip(det.scores.tolist(), det.labels.tolist(), det.boxes.tolist()))
+    theirs = list(zip(ev["pred_scores"].tolist(), ev["pred_labels"].tolist(), ev["pred_bboxes_xyxy"].tolist()))
+    assert len(ours) == len(theirs)
+    for s0, l0, b0 in ours:
+        twin = next((j for j, (s1, l1, b1) in enumerate(theirs)
+                     if l1 == l0 and abs(s0 - s1) < 1e-5 and max(abs(x - y) for x, y in zip(b0, b1)) < BOX_ATOL), None)
+        assert twin is not None, f"no official detection matches ({s0:.6f}, label {l0}, {b0})"
+        theirs.pop(twin)
 
 
 def test_codino_assignment_and_losses(codino):

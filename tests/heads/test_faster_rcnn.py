@@ -17,7 +17,7 @@ from codetr.heads.faster_rcnn import (
     FasterRCNNHeadConfig,
     official_faster_rcnn_key_map,
 )
-from codetr.heads.nms import batched_nms, multiclass_nms
+from codetr.ops.nms import batched_nms, multiclass_nms
 from codetr.heads.roi_head import map_roi_levels
 
 NC = 5

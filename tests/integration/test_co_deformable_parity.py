@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from codetr.convert.co_detr import convert_sense_x_co_detr
-from codetr.core.build import build_detector
-from codetr.core.config import load_recipe_dict
+from codetr.assembly import build_detector
+from codetr.assembly import load_recipe_dict
 from codetr.core.structures import Batch, Target
 from tests._reference import load_safetensors_state_dict, reference_dir
 

@@ -27,8 +27,8 @@ import pytest
 import torch
 
 from codetr.convert.mmdet3 import convert_mmdet3_co_dino
-from codetr.core.build import build_detector
-from codetr.core.config import load_recipe_dict
+from codetr.assembly import build_detector
+from codetr.assembly import load_recipe_dict
 from codetr.core.structures import Batch, Target
 from codetr.variants.postprocess import postprocess
 from tests._reference import load_int8exact_state_dict, reference_dir

@@ -8,8 +8,8 @@ import yaml
 from typer.testing import CliRunner
 
 from codetr.cli.main import app
-from codetr.core.build import build_detector
-from codetr.core.config import load_recipe
+from codetr.assembly import build_detector
+from codetr.assembly import load_recipe
 from codetr.engine.checkpoint import extract_state_dict, load_checkpoint
 from tests._reference import load_safetensors_state_dict, reference_dir
 

@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 from codetr.cli.main import app
 from codetr.convert.mmdet3 import convert_mmdet3_co_dino
-from codetr.core.build import build_detector
-from codetr.core.config import load_recipe_dict
+from codetr.assembly import build_detector
+from codetr.assembly import load_recipe_dict
 from codetr.engine.checkpoint import extract_state_dict, load_checkpoint
 from tests._reference import load_int8exact_state_dict, reference_dir
 from tests.backbones.test_swin import _official_to_mmdet

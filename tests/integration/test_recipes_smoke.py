@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from codetr.core.build import build_detector
-from codetr.core.config import load_recipe
+from codetr.assembly import build_detector
+from codetr.assembly import load_recipe
 from codetr.core.structures import Batch, Target
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("**/*.yaml"))

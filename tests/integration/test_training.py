@@ -6,7 +6,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from codetr.core.config import load_recipe
+from codetr.assembly import load_recipe
 from codetr.data.synth import make_synthetic
 from codetr.engine.checkpoint import extract_state_dict, load_checkpoint
 from codetr.engine.trainer import Trainer

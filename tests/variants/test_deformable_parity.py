@@ -269,7 +269,7 @@ def test_co_deformable_extra_query_group(co_def):
     import torch.nn.functional as F
 
     from codetr.core.interfaces import QueryGroup
-    from codetr.variants.layers import inverse_sigmoid
+    from codetr.ops.functional import inverse_sigmoid
 
     model, report, data, run = co_def
     aux = torch.load(reference_dir(CO_DEF) / "aux_queries.pt", weights_only=False)["atss_group"]

@@ -37,8 +37,8 @@ transformers = pytest.importorskip(
     "transformers", reason="transformers is a test-only dependency (pip install transformers) for HF parity tests")
 
 from codetr.convert.hf import convert_hf_deformable_detr, hf_key, hf_recipe_model  # noqa: E402
-from codetr.core.build import build_detector  # noqa: E402
-from codetr.core.config import load_recipe_dict  # noqa: E402
+from codetr.assembly import build_detector  # noqa: E402
+from codetr.assembly import load_recipe_dict  # noqa: E402
 from codetr.core.structures import Batch  # noqa: E402
 
 pytestmark = pytest.mark.parity

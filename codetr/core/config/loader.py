@@ -9,7 +9,8 @@ Resolution order (what ``codetr config show`` prints):
    ``[1, 2]`` a list, ``null`` None; list items are addressed as ``aux_heads.1`` or ``aux_heads[1]``).
 3. validate against the schema (every problem reported at once, with its YAML path).
 4. derive ``model.num_classes`` from the training data's categories when it is not given (and check
-   it when it is), then inject the shared dimensions into every component (single source of truth).
+   it when it is) through a ``categories`` reader the caller supplies (``codetr.assembly.load_recipe``
+   passes the data package's; ``core`` never reads data itself), then inject the shared dimensions into every component (single source of truth).
 """
 
 from __future__ import annotations
@@ -19,16 +20,17 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from codetr.core.config.errors import RecipeError, RecipeIssue, format_loc, issues_from_validation
-from codetr.core.config.schema import ModelConfig, Recipe
+from codetr.core.config.schema import DataSourceConfig, ModelConfig, Recipe
 from codetr.core.registry import ComponentError, ComponentGroup, registry
 
-__all__ = ["load_recipe", "load_recipe_dict", "apply_overrides", "parse_override", "inject_shared", "recipe_to_yaml"]
+__all__ = ["CategoryReader", "parse_recipe", "parse_recipe_dict", "apply_overrides", "parse_override", "inject_shared",
+           "recipe_to_yaml"]
 
 SHARED = ("num_classes", "hidden_dim", "num_levels", "num_queries", "num_decoder_layers")
 
@@ -228,34 +230,37 @@ def inject_shared(recipe: Recipe, source: str = "<recipe>") -> Recipe:
     return recipe.model_copy(update={"model": model})
 
 
-def _dataset_categories(recipe: Recipe, source: str) -> tuple[list[str] | None, str]:
+#: ``reader(source) -> category names in label order, or None (unknown)``; raises ``ValueError`` / ``OSError``
+#: when the data cannot be read. Supplied by the layer that knows data sources
+#: (:func:`codetr.assembly.load_recipe`); ``core`` itself never reads data.
+CategoryReader = Callable[[DataSourceConfig], "list[str] | None"]
+
+
+def _dataset_categories(recipe: Recipe, source: str, reader: CategoryReader) -> tuple[list[str] | None, str]:
     """Category names of the training (else validation) data, and where they came from.
 
     A dataset that is not on this machine is not an error while ``model.num_classes`` is given (the
     recipe can be shown and validated anywhere; training checks the data when it starts).
     """
-    from codetr.data.format import DataError
-    from codetr.data.loader import source_categories
-
     for split in ("train", "val"):
         src = getattr(recipe.data, split)
         if src is None:
             continue
         try:
-            cats = source_categories(src)
-        except (DataError, OSError) as exc:
+            names = reader(src)
+        except (ValueError, OSError) as exc:
             if recipe.model.num_classes is not None:
                 continue
             raise RecipeError(source, [RecipeIssue(
                 "model.num_classes", f"cannot be derived from data.{split}: {exc}; "
                 f"fix the data path (--set data.{split}...=...) or set model.num_classes")]) from None
-        if cats is not None:
-            return [c["name"] for c in cats], f"data.{split}"
+        if names is not None:
+            return names, f"data.{split}"
     return None, ""
 
 
-def _derive_num_classes(recipe: Recipe, source: str, read_data: bool) -> Recipe:
-    names, where = _dataset_categories(recipe, source) if read_data else (None, "")
+def _derive_num_classes(recipe: Recipe, source: str, categories: CategoryReader | None) -> Recipe:
+    names, where = _dataset_categories(recipe, source, categories) if categories is not None else (None, "")
     given = recipe.model.num_classes
     if names is not None:
         if given is not None and given != len(names):
@@ -270,22 +275,26 @@ def _derive_num_classes(recipe: Recipe, source: str, read_data: bool) -> Recipe:
 
 
 # --------------------------------------------------------------------------- entry points
-def load_recipe_dict(data: dict[str, Any], source: str = "<recipe>", read_data: bool = True) -> Recipe:
-    """Validate an already-merged recipe mapping (see module docstring, steps 3-4)."""
+def parse_recipe_dict(data: dict[str, Any], source: str = "<recipe>", categories: CategoryReader | None = None) -> Recipe:
+    """Validate an already-merged recipe mapping (see module docstring, steps 3-4).
+
+    ``categories`` reads a data source's category names; without it ``model.num_classes`` must be given.
+    """
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(source, issues_from_validation(err, lambda loc: allowed_keys(loc, data))) from None
-    recipe = _derive_num_classes(recipe, source, read_data)
+    recipe = _derive_num_classes(recipe, source, categories)
     return inject_shared(recipe, source)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None, read_data: bool = True) -> Recipe:
+def parse_recipe(path: str | Path, overrides: list[str] | None = None,
+                 categories: CategoryReader | None = None) -> Recipe:
     """Load, merge, override, validate and resolve a recipe file. Raises :class:`RecipeError`."""
     path = Path(path)
     data = _load_with_base(path)
     data = apply_overrides(data, list(overrides or []), source=str(path))
-    return load_recipe_dict(data, source=str(path), read_data=read_data)
+    return parse_recipe_dict(data, source=str(path), categories=categories)
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

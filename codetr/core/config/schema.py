@@ -14,9 +14,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from codetr.core.config.criterion import SetCriterionConfig
+from codetr.core.config.data import DataSourceConfig
 from codetr.core.registry import component_field
-from codetr.data.loader import DataSourceConfig
-from codetr.heads.criterion import SetCriterionConfig
 
 __all__ = [
     "StrictModel",
@@ -78,7 +78,7 @@ class ModelConfig(StrictModel):
     backbone: BackboneField
     neck: NeckField
     variant: VariantField
-    criterion: SetCriterionConfig = SetCriterionConfig()
+    criterion: SetCriterionConfig = Field(default_factory=SetCriterionConfig)
     aux_heads: list[AuxHeadField] = Field(default_factory=list)
     query_encoder: QueryEncoderField | None = None
     co_detr: CoDETRConfig = CoDETRConfig()

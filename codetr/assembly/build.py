@@ -1,4 +1,8 @@
-"""Recipe ``model`` section -> :class:`~codetr.core.detector.Detector` (builders kept apart from classes)."""
+"""Recipe ``model`` section -> :class:`~codetr.core.detector.Detector` (builders kept apart from classes).
+
+This is the only place that knows which concrete modules make a detector: components come from the
+registry by ``type``, the criterion, the Co-DETR branch and post-processing are wired here.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,10 @@ from torch import nn
 from codetr.core.config.schema import ModelConfig
 from codetr.core.detector import Detector
 from codetr.core.registry import registry
+from codetr.heads.adapter import MultiScaleAdapter
+from codetr.heads.collaborative import CollaborativeBranch
+from codetr.heads.criterion import SetCriterion
+from codetr.variants.postprocess import postprocess
 
 __all__ = ["build_detector", "aux_loss_scale"]
 
@@ -21,9 +29,6 @@ def aux_loss_scale(cfg: ModelConfig) -> float:
 def _build_collaborative(cfg: ModelConfig) -> nn.Module | None:
     if not cfg.aux_heads:
         return None
-    from codetr.heads.adapter import MultiScaleAdapter
-    from codetr.heads.collaborative import CollaborativeBranch
-
     scale = aux_loss_scale(cfg)
     heads = [registry.build("aux_heads", head_cfg, scale) for head_cfg in cfg.aux_heads]
     encoder = None
@@ -42,11 +47,8 @@ def build_detector(cfg: ModelConfig) -> Detector:
     Raises ``ValueError`` naming the recipe field when the parts do not fit together (e.g. the neck
     produces a different number of levels than ``model.num_levels``).
     """
-    from codetr.heads.criterion import SetCriterion
-    from codetr.variants.postprocess import postprocess
-
     if cfg.num_classes is None:
-        raise ValueError("model.num_classes is not resolved; load the recipe with codetr.core.config.load_recipe")
+        raise ValueError("model.num_classes is not resolved; load the recipe with codetr.assembly.load_recipe")
     backbone = registry.build("backbones", cfg.backbone)
     neck = registry.build("necks", cfg.neck, list(backbone.out_channels), list(backbone.strides))
     if len(neck.out_strides) != cfg.num_levels:

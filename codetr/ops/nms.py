@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import nms
 
-__all__ = ["batched_nms", "multiclass_nms"]
+__all__ = ["batched_nms", "multiclass_nms", "offset_boxes_by_class"]
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float,

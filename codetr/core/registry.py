@@ -35,6 +35,7 @@ from typing import Any, Callable, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 __all__ = [
+    "SHARED_FIELDS",
     "component_field",
     "ComponentGroup",
     "GROUPS",
@@ -45,6 +46,10 @@ __all__ = [
     "Registry",
     "registry",
 ]
+
+#: The recipe's single source of truth: set once in ``model:`` and injected into every component config that
+#: declares a field of the same name (:func:`codetr.core.config.loader.inject_shared`).
+SHARED_FIELDS: tuple[str, ...] = ("num_classes", "hidden_dim", "num_levels", "num_queries", "num_decoder_layers")
 
 GROUPS: dict[str, str] = {
     "backbones": "codetr.backbones",
@@ -67,11 +72,25 @@ class ComponentConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
-    SHARED_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"num_classes", "hidden_dim", "num_levels", "num_queries", "num_decoder_layers"}
-    )
+    SHARED_FIELDS: ClassVar[tuple[str, ...]] = SHARED_FIELDS
 
     type: str
+
+    def require_shared(self, *names: str) -> None:
+        """Raise a clear ``ValueError`` when a shared field this component needs was not injected.
+
+        Builders call it first (``cfg.require_shared("num_classes", "hidden_dim")``); the message names the
+        component, the fields and where the value normally comes from (the recipe's ``model:`` section).
+        """
+        unknown = [n for n in names if n not in SHARED_FIELDS]
+        if unknown:
+            raise ValueError(f"require_shared: {unknown} are not shared fields ({', '.join(SHARED_FIELDS)})")
+        missing = [n for n in names if getattr(self, n, None) is None]
+        if missing:
+            fields = ", ".join(missing)
+            origin = ", ".join(f"model.{n}" for n in missing)
+            raise ValueError(f"{self.type} ({type(self).__name__}): {fields} not set. A recipe injects it from "
+                             f"{origin}; when building the component by hand, set {fields} in its config.")
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,10 @@ from pydantic import BaseModel, ValidationError
 
 from codetr.core.config.errors import RecipeError, RecipeIssue, format_loc, issues_from_validation
 from codetr.core.config.schema import DataSourceConfig, ModelConfig, Recipe
-from codetr.core.registry import ComponentError, ComponentGroup, registry
+from codetr.core.registry import SHARED_FIELDS, ComponentError, ComponentGroup, registry
 
 __all__ = ["CategoryReader", "parse_recipe", "parse_recipe_dict", "apply_overrides", "parse_override", "inject_shared",
            "recipe_to_yaml"]
-
-SHARED = ("num_classes", "hidden_dim", "num_levels", "num_queries", "num_decoder_layers")
 
 
 # --------------------------------------------------------------------------- YAML + base
@@ -222,7 +220,7 @@ def _walk_inject(obj: Any, shared: dict[str, Any], path: str, issues: list[Recip
 
 def inject_shared(recipe: Recipe, source: str = "<recipe>") -> Recipe:
     """Copy the model-level shared dimensions into every component that declares them."""
-    shared = {k: getattr(recipe.model, k) for k in SHARED}
+    shared = {k: getattr(recipe.model, k) for k in SHARED_FIELDS}
     issues: list[RecipeIssue] = []
     model = _walk_inject(recipe.model, shared, "model", issues)
     if issues:

@@ -202,6 +202,19 @@ def test_codino_rpn_and_roi_predictions(codino):
     assert det.labels.tolist() == ev["roi_pred_labels"].tolist()
 
 
+def _assert_same_rows(ours: torch.Tensor, theirs: torch.Tensor, tol: float) -> None:
+    """Same boxes in the same order, except that near-tied proposals may swap places (README §6: the RPN
+    proposal order between near-tied scores depends on the CPU / thread count): every row that differs from
+    its official counterpart must equal another official row that is not matched otherwise."""
+    assert ours.shape == theirs.shape
+    off = ((ours - theirs).abs().amax(1) > tol).nonzero().flatten().tolist()
+    free = list(off)
+    for i in off:
+        j = next((j for j in free if (ours[i] - theirs[j]).abs().max() <= tol), None)
+        assert j is not None, f"sampled box {i} {ours[i].tolist()} is not among the official samples"
+        free.remove(j)
+
+
 def test_codino_training_samples_and_losses(codino, monkeypatch):
     head, ti, ref = codino["head"], codino["internals"], codino["losses"]
     rpn_neg, roi_neg = ti["rpn_sampling"]["neg_inds"], ti["rcnn_sampling"]["neg_inds"]
@@ -218,7 +231,7 @@ def test_codino_training_samples_and_losses(codino, monkeypatch):
     assert roi_s.pos_inds.tolist() == ti["rcnn_sampling"]["pos_inds"].tolist()
     assert roi_s.pos_labels.tolist() == ti["rcnn_sampling"]["pos_gt_labels"].tolist()
     assert roi_s.pos_assigned_gt_inds.tolist() == ti["rcnn_sampling"]["pos_assigned_gt_inds"].tolist()
-    torch.testing.assert_close(roi_s.boxes, ti["rcnn_sampling"]["priors_xyxy"], atol=BOX_TOL, rtol=0)
+    _assert_same_rows(roi_s.boxes, ti["rcnn_sampling"]["priors_xyxy"], BOX_TOL)
     got = {k: v.item() for k, v in out.losses.items()}
     # eval-mode pyramid vs the train-mode run: ~1e-6 feature differences -> small loss tolerance
     assert got["loss_rpn_bbox"] == pytest.approx(sum(ref["loss_rpn_bbox"]), rel=1e-4)

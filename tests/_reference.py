@@ -57,3 +57,18 @@ def load_int8exact_state_dict(path: Path) -> dict[str, torch.Tensor]:
     sd = {k: blob["q"][k].float() * 2.0 ** blob["exp2"][k] for k in blob["q"]}
     sd.update(blob.get("nonfloat", {}))
     return sd
+
+
+FEATURE_ATOL = 1e-4  # reference READMEs: "an absolute tolerance near 1e-4 for features"
+BACKBONE_REL_TO_MAX = 5e-6
+
+
+def backbone_atol(want: torch.Tensor) -> float:
+    """Tolerance for raw backbone features: ``FEATURE_ATOL`` or ``5e-6`` of the tensor's max ``|value|``.
+
+    The fixtures' untrained ResNet-18 gives C3..C5 magnitudes up to 60 / 341, where float32 convolution
+    kernels of another CPU (ISA / oneDNN path) differ from the fixture machine by ~2e-6 of the max (CI measured
+    1.08e-4 on C4, max |x| 60; README §6 reports <=1e-6 of the max across thread counts on one machine). Neck
+    outputs and everything downstream are O(1..10) and keep the plain absolute ``FEATURE_ATOL``.
+    """
+    return max(FEATURE_ATOL, BACKBONE_REL_TO_MAX * want.abs().max().item())

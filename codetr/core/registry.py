@@ -9,15 +9,20 @@ exactly as a third-party package would::
 
 where ``COMPONENT = Component(config=SimOTAConfig, build=build_simota, summary="...")``.
 
-Groups and builder signatures (the builder is called by codetr's model builder, never by users):
+Groups and builder signatures (the builder is called by :func:`codetr.assembly.build_detector` or by the
+component that owns the slot, never by users; the positional arguments after ``cfg`` are exactly these):
 
 ==========================  ==========================================================================
 ``codetr.backbones``        ``build(cfg) -> nn.Module`` with ``out_channels``/``strides`` attributes
 ``codetr.necks``            ``build(cfg, in_channels: list[int], in_strides: list[int]) -> nn.Module``
+                            with ``out_strides``
 ``codetr.variants``         ``build(cfg) -> DETRVariant``
-``codetr.aux_heads``        ``build(cfg) -> AuxHead``
-``codetr.assigners``        ``build(cfg) -> Assigner``
-``codetr.query_encoders``   ``build(cfg, num_groups: int) -> QueryEncoder``
+``codetr.aux_heads``        ``build(cfg, loss_scale: float) -> AuxHead`` (``loss_scale`` =
+                            ``co_detr.lambda_2 * num_decoder_layers``, multiplied into every aux loss)
+``codetr.assigners``        ``build(cfg) -> OneToOneAssigner | OneToManyAssigner`` (built by the slot
+                            that holds it: the criterion's matcher, an aux head's assigners)
+``codetr.query_encoders``   ``build(cfg, num_groups: int) -> QueryEncoder`` (``num_groups`` = number of
+                            aux heads)
 ==========================  ==========================================================================
 
 A plugin that fails to import is recorded with its distribution and exception and does not break the

@@ -142,7 +142,7 @@ def test_synchronize_gathers_and_dedups(gt, results, monkeypatch):
         out[0] = (rank0._preds, rank0._targets)
         out[1] = obj
 
-    monkeypatch.setattr(coco_mod, "_dist_world", lambda: 2)
+    monkeypatch.setattr(coco_mod, "get_world_size", lambda: 2)
     monkeypatch.setattr(torch.distributed, "all_gather_object", fake_all_gather_object)
     with pytest.warns(UserWarning, match="without synchronize"), pytest.warns(UserWarning, match="26 of the 50"):
         partial = rank1.compute()

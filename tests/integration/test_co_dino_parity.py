@@ -31,7 +31,7 @@ from codetr.assembly import build_detector
 from codetr.assembly import load_recipe_dict
 from codetr.core.structures import Batch, Target
 from codetr.variants.postprocess import postprocess
-from tests._reference import load_int8exact_state_dict, reference_dir
+from tests._reference import backbone_atol, load_int8exact_state_dict, reference_dir
 
 pytestmark = pytest.mark.parity
 
@@ -193,7 +193,7 @@ def test_eval_forward_features_proposals_and_decoder(setup):
         assert r[name] <= atol, (name, r[name])
 
     for i, x in enumerate(feats):
-        close(f"backbone[{i}]", x, bn[f"backbone_out_{i}"])
+        close(f"backbone[{i}]", x, bn[f"backbone_out_{i}"], backbone_atol(bn[f"backbone_out_{i}"]))
     for i, x in enumerate(levels):
         close(f"neck[{i}]", x, bn[f"neck_out_{i}"])
     assert pyramid.strides == [4, 8, 16, 32, 64, 128]
@@ -219,8 +219,13 @@ def test_eval_forward_features_proposals_and_decoder(setup):
 
 # --------------------------------------------------------------------------- training
 def test_training_losses_seed2_zero_noise(setup, monkeypatch):
+    """Seed 2, zero DN noise. The RoI sampler's seeded random negatives (``aux0.loss_cls``) and the RoI
+    group's 2 padding queries depend on the proposal order, which near-tied RPN scores may swap on another CPU
+    (CI measured aux0.loss_cls 23.767 vs 23.774): the RoI stage is fed the official order, as in the
+    config-noise test."""
     root, model, _, batch, it = setup
     ref = json.loads((root / "train_losses_seed2.json").read_text())
+    _official_train_proposals(model.collaborative.heads[0], it, monkeypatch)
     rec = _Recorder(model, monkeypatch)
     ours = _train_losses(model, batch)
     diff = _compare_losses(ours, ref["losses"])

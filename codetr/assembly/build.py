@@ -38,7 +38,11 @@ def _build_collaborative(cfg: ModelConfig) -> nn.Module | None:
                              "co_detr.with_pos_queries is true (e.g. {type: positive_queries})")
         encoder = registry.build("query_encoders", cfg.query_encoder, len(heads))
     adapter = MultiScaleAdapter(cfg.hidden_dim)
-    return CollaborativeBranch(adapter, heads, encoder, lambda_1=cfg.co_detr.lambda_1)
+    branch = CollaborativeBranch(adapter, heads, encoder, lambda_1=cfg.co_detr.lambda_1,
+                                 head_types=[h.type for h in cfg.aux_heads])
+    if cfg.co_detr.eval_module != "detr":
+        branch.head_index(cfg.co_detr.eval_module)  # fail at build time, naming the choices
+    return branch
 
 
 def build_detector(cfg: ModelConfig) -> Detector:
@@ -56,6 +60,9 @@ def build_detector(cfg: ModelConfig) -> Detector:
             f"model.num_levels is {cfg.num_levels} but the backbone gives {len(backbone.out_channels)} levels and "
             f"the neck adds {len(neck.out_strides) - len(backbone.out_channels)}: change backbone.out_indices, "
             "neck.num_extra_levels or model.num_levels")
+    if cfg.co_detr.eval_module != "detr" and not cfg.aux_heads:
+        raise ValueError(f"model.co_detr.eval_module={cfg.co_detr.eval_module!r} selects an aux head, but "
+                         "model.aux_heads is empty; use eval_module: detr")
     variant = registry.build("variants", cfg.variant)
     criterion = SetCriterion(cfg.criterion)
     post = partial(postprocess, topk=cfg.test.topk, soft_nms=cfg.test.soft_nms)

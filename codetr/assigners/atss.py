@@ -64,10 +64,9 @@ def pairwise_iou(a_xyxy: Tensor, b_xyxy: Tensor, eps: float = 1e-6) -> Tensor:
 class ATSSAssigner(OneToManyAssigner):
     """Static (prediction-free) ATSS assignment; see the module docstring."""
 
-    def __init__(self, topk: int = 9):
-        if topk < 1:
-            raise ValueError("topk must be >= 1")
-        self.topk = int(topk)
+    def __init__(self, cfg: ATSSAssignerConfig | None = None):
+        self.cfg = cfg if cfg is not None else ATSSAssignerConfig()
+        self.topk = int(self.cfg.topk)
 
     def __repr__(self) -> str:
         return f"ATSSAssigner(topk={self.topk})"
@@ -141,7 +140,7 @@ class ATSSAssigner(OneToManyAssigner):
 
 
 def build_atss_assigner(cfg: ATSSAssignerConfig) -> ATSSAssigner:
-    return ATSSAssigner(topk=cfg.topk)
+    return ATSSAssigner(cfg)
 
 
 COMPONENT = Component(config=ATSSAssignerConfig, build=build_atss_assigner,

@@ -112,12 +112,8 @@ class MaxIoUAssignerConfig(ComponentConfig):
 class MaxIoUAssigner(OneToManyAssigner):
     """Max-IoU assignment; see the module docstring. Pure function of tensors (no RNG)."""
 
-    def __init__(self, cfg: MaxIoUAssignerConfig | None = None, **overrides: object):
-        if cfg is None:
-            cfg = MaxIoUAssignerConfig(**overrides)
-        elif overrides:
-            cfg = cfg.model_copy(update=overrides)
-        self.cfg = cfg
+    def __init__(self, cfg: MaxIoUAssignerConfig | None = None):
+        self.cfg = cfg if cfg is not None else MaxIoUAssignerConfig()
 
     def assign(self, anchors_xyxy: Tensor, num_per_level: list[int] | None, gt_boxes_xyxy: Tensor,
                gt_labels: Tensor | None, num_classes: int, pred_scores: Tensor | None = None,

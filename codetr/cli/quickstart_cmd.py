@@ -77,7 +77,7 @@ def save_prediction_grid(model, recipe, split_dir: Path, path: Path, num_images:
 
     from codetr.data.collate import collate
     from codetr.data.decode import meta_to_target
-    from codetr.data.loader import CocoFolderDataset
+    from codetr.data.coco_folder import CocoFolderDataset
     from codetr.data.transforms import build_transforms
     from codetr.engine.visualize import display_threshold, draw_side_by_side
 

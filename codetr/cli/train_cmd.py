@@ -22,7 +22,7 @@ def _engine_errors():
     import contextlib
 
     from codetr.engine.distributed import DistributedError
-    from codetr.engine.trainer import TrainingError
+    from codetr.engine.errors import TrainingError
 
     @contextlib.contextmanager
     def ctx():

@@ -47,8 +47,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from torch import Tensor
 
 from codetr.convert.co_detr import ROI_TYPES, official_head_order
-from codetr.convert.official import (DERIVED_BUFFERS, ConversionReport, _neck_key, _unwrap, backbone_key_map,
-                                     deformable_key_mmdet3, deformable_key_sense_x)
+from codetr.convert.official import (ConversionReport, deformable_key_mmdet3, deformable_key_sense_x,
+                                     finish_report, map_state_dict)
 
 __all__ = ["convert_mmdet3_dino", "convert_mmdet3_co_dino", "dino_key_mmdet3", "co_dino_query_head_key"]
 
@@ -87,27 +87,18 @@ def co_dino_query_head_key(key: str) -> str | None:
     return deformable_key_sense_x(key)
 
 
-def _finish(out: dict[str, Tensor], report: ConversionReport, target_keys: Iterable[str] | None,
-            allow_unmatched: bool) -> tuple[dict[str, Tensor], ConversionReport]:
-    if target_keys is not None:
-        report.missing = sorted(set(target_keys) - set(out))
+def _convert_all(sd: Mapping[str, Tensor], key_map: Callable[[str], str | None], target_keys: Iterable[str] | None,
+                 allow_unmatched: bool, backbone: str) -> tuple[dict[str, Tensor], ConversionReport]:
+    """:func:`~codetr.convert.official.map_state_dict`, then refuse unconverted keys unless allowed."""
+    target_keys = None if target_keys is None else list(target_keys)
+    out, report = finish_report(*map_state_dict(sd, key_map, target_keys=target_keys, backbone=backbone),
+                                target_keys)
     if report.unmatched and not allow_unmatched:
         keys = sorted(report.unmatched)
         raise ValueError(f"{len(keys)} official keys have no codetr counterpart: {keys[:8]}"
                          f"{' ...' if len(keys) > 8 else ''} (check the recipe (aux_heads types/order, with_dn) or "
                          "pass --allow-unmatched / allow_unmatched=True to keep only the converted part)")
     return out, report
-
-
-def _put(out: dict[str, Tensor], report: ConversionReport, src: str, dst: str, value: Tensor,
-         target_set: set[str] | None) -> None:
-    if dst.endswith(DERIVED_BUFFERS) and (target_set is None or dst not in target_set):
-        report.ignored.append(src)
-        return
-    if dst in out:
-        raise ValueError(f"two source keys map to {dst!r} (the second is {src!r})")
-    out[dst] = value
-    report.matched.append((src, dst))
 
 
 def convert_mmdet3_dino(sd: Mapping[str, Tensor], *, target_keys: Iterable[str] | None = None,
@@ -179,30 +170,3 @@ def convert_mmdet3_co_dino(sd: Mapping[str, Tensor], aux_head_types: Sequence[st
         return None
 
     return _convert_all(sd, key_map, target_keys, allow_unmatched, backbone)
-
-
-def _convert_all(sd: Mapping[str, Tensor], key_map: Callable[[str], str | None], target_keys: Iterable[str] | None,
-                 allow_unmatched: bool, backbone: str) -> tuple[dict[str, Tensor], ConversionReport]:
-    bb_map = backbone_key_map(backbone)
-    sd = _unwrap(sd)
-    target_keys = None if target_keys is None else list(target_keys)
-    target_set = None if target_keys is None else set(target_keys)
-    out: dict[str, Tensor] = {}
-    report = ConversionReport()
-    for key, value in sd.items():
-        if key.startswith("module."):
-            key = key[len("module."):]
-        dst: str | None
-        if key.startswith("backbone."):
-            sub, value = bb_map(key[len("backbone."):], value)
-            dst = None if sub is None else "backbone." + sub
-        elif key.startswith("neck."):
-            sub = _neck_key(key)
-            dst = None if sub is None else "neck." + sub
-        else:
-            dst = key_map(key)
-        if dst is None:
-            report.unmatched[key] = value
-            continue
-        _put(out, report, key, dst, value, target_set)
-    return _finish(out, report, target_keys, allow_unmatched)

@@ -97,6 +97,33 @@ def _ffn(tail: str) -> str | None:
     return None
 
 
+# per-layer source prefixes -> codetr names: (ffn, encoder self-attn, decoder self-attn, decoder cross-attn)
+_LAYOUT_MMDET2 = ("ffns.0.", "attentions.0.", "attentions.0.attn.", "attentions.1.")
+_LAYOUT_MMDET3 = ("ffn.", "self_attn.", "self_attn.attn.", "cross_attn.")
+_LAYER = re.compile(r"^(encoder|decoder)\.layers\.(\d+)\.(.*)$")
+
+
+def _layer_key(key: str, layout: tuple[str, str, str, str]) -> str | None:
+    """``{encoder,decoder}.layers.<i>.<tail>`` of one official layout -> codetr layer key (None: not a layer key)."""
+    m = _LAYER.match(key)
+    if not m:
+        return None
+    part, idx, tail = m.groups()
+    pre = f"{part}.layers.{idx}."
+    ffn, enc_self, dec_self, dec_cross = layout
+    if tail.startswith(ffn):
+        f = _ffn(tail[len(ffn):])
+        return pre + f if f else None
+    if (mn := re.match(r"^norms\.(\d+)\.(.*)$", tail)):
+        names = _NORMS_ENC if part == "encoder" else _NORMS_DEC
+        return pre + f"{names[mn.group(1)]}.{mn.group(2)}" if mn.group(1) in names else None
+    renames = ((enc_self, "self_attn."),) if part == "encoder" else ((dec_self, "self_attn."), (dec_cross, "cross_attn."))
+    for src, dst in renames:
+        if tail.startswith(src):
+            return pre + dst + tail[len(src):]
+    return None
+
+
 def deformable_key_sense_x(key: str) -> str | None:
     """Key inside ``query_head.`` (mmdet 2.x ``DeformableDETRHead`` / ``CoDeformDETRHead``) -> variant key."""
     if (b := _branch_key(key)) is not None:
@@ -112,24 +139,7 @@ def deformable_key_sense_x(key: str) -> str | None:
     for name in ("enc_output.", "enc_output_norm.", "pos_trans.", "pos_trans_norm.", "reference_points."):
         if k.startswith(name):
             return k
-    m = re.match(r"^(encoder|decoder)\.layers\.(\d+)\.(.*)$", k)
-    if not m:
-        return None
-    part, idx, tail = m.groups()
-    pre = f"{part}.layers.{idx}."
-    if tail.startswith("ffns.0."):
-        f = _ffn(tail[len("ffns.0."):])
-        return pre + f if f else None
-    if (mn := re.match(r"^norms\.(\d+)\.(.*)$", tail)):
-        names = _NORMS_ENC if part == "encoder" else _NORMS_DEC
-        return pre + f"{names[mn.group(1)]}.{mn.group(2)}" if mn.group(1) in names else None
-    if part == "encoder" and tail.startswith("attentions.0."):
-        return pre + "self_attn." + tail[len("attentions.0."):]
-    if part == "decoder" and tail.startswith("attentions.0.attn."):
-        return pre + "self_attn." + tail[len("attentions.0.attn."):]
-    if part == "decoder" and tail.startswith("attentions.1."):
-        return pre + "cross_attn." + tail[len("attentions.1."):]
-    return None
+    return _layer_key(k, _LAYOUT_MMDET2)
 
 
 def deformable_key_mmdet3(key: str) -> str | None:
@@ -144,24 +154,7 @@ def deformable_key_mmdet3(key: str) -> str | None:
                      ("reference_points_fc.", "reference_points.")):
         if key.startswith(src):
             return dst + key[len(src):]
-    m = re.match(r"^(encoder|decoder)\.layers\.(\d+)\.(.*)$", key)
-    if not m:
-        return None
-    part, idx, tail = m.groups()
-    pre = f"{part}.layers.{idx}."
-    if tail.startswith("ffn."):
-        f = _ffn(tail[len("ffn."):])
-        return pre + f if f else None
-    if (mn := re.match(r"^norms\.(\d+)\.(.*)$", tail)):
-        names = _NORMS_ENC if part == "encoder" else _NORMS_DEC
-        return pre + f"{names[mn.group(1)]}.{mn.group(2)}" if mn.group(1) in names else None
-    if part == "encoder" and tail.startswith("self_attn."):
-        return pre + tail
-    if part == "decoder" and tail.startswith("self_attn.attn."):
-        return pre + "self_attn." + tail[len("self_attn.attn."):]
-    if part == "decoder" and tail.startswith("cross_attn."):
-        return pre + tail
-    return None
+    return _layer_key(key, _LAYOUT_MMDET3)
 
 
 # --------------------------------------------------------------------------- backbone / neck
@@ -219,45 +212,74 @@ def _unwrap(sd: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     return sd
 
 
-def _convert(sd: Mapping[str, Tensor], variant_key: Callable[[str], str | None], variant_prefix: str,
-             keep_unmatched: tuple[str, ...], shared_heads: bool | None,
-             target_keys: Iterable[str] | None, backbone: str = "resnet") -> tuple[dict[str, Tensor], ConversionReport]:
+def map_state_dict(sd: Mapping[str, Tensor], key_map: Callable[[str], str | None], *,
+                   target_keys: Iterable[str] | None = None, backbone: str = "resnet"
+                   ) -> tuple[dict[str, Tensor], ConversionReport]:
+    """The one walk over an official state dict that every layout's converter uses.
+
+    A checkpoint wrapper (``state_dict`` / ``model``) and DDP's ``module.`` prefix are removed; then every
+    key goes: ``backbone.*`` through :func:`backbone_key_map` (which may also transform the value),
+    ``neck.*`` to the ChannelMapper names, any other key through ``key_map`` (full official key -> full
+    codetr key, or None). Unmapped keys land in ``report.unmatched`` with their tensors; derived buffers
+    (BN step counters, Swin index buffers) the target does not have go to ``report.ignored``.
+    ``report.missing`` is left to :func:`finish_report` (callers may still fold keys).
+
+    Raises:
+        ValueError: two source keys map to the same codetr key.
+    """
     bb_map = backbone_key_map(backbone)
-    sd = _unwrap(sd)
-    target_keys = None if target_keys is None else list(target_keys)
-    target_set = set(target_keys or ())
+    target_set = None if target_keys is None else set(target_keys)
     out: dict[str, Tensor] = {}
     report = ConversionReport()
-    aux = [re.compile(p) for p in keep_unmatched]
-    for key, value in sd.items():
+    for key, value in _unwrap(sd).items():
         if key.startswith("module."):
             key = key[len("module."):]
-        dst: str | None = None
-        if any(p.search(key) for p in aux):
-            dst = None
-        elif key.startswith("backbone."):
+        dst: str | None
+        if key.startswith("backbone."):
             sub, value = bb_map(key[len("backbone."):], value)
             dst = None if sub is None else "backbone." + sub
         elif key.startswith("neck."):
             sub = _neck_key(key)
             dst = None if sub is None else "neck." + sub
-        elif variant_prefix == "" or key.startswith(variant_prefix):
-            sub = variant_key(key[len(variant_prefix):])
-            dst = None if sub is None else "variant." + sub
+        else:
+            dst = key_map(key)
         if dst is None:
             report.unmatched[key] = value
-            continue
-        if dst.endswith(DERIVED_BUFFERS) and (target_keys is None or dst not in target_set):
+        elif dst.endswith(DERIVED_BUFFERS) and (target_set is None or dst not in target_set):
             report.ignored.append(key)  # BN step counter / Swin index buffers: no effect on the model
-            continue
-        if dst in out:
-            raise ValueError(f"two source keys map to {dst!r}")
-        out[dst] = value
-        report.matched.append((key, dst))
-    _fold_shared_heads(out, report, shared_heads)
+        elif dst in out:
+            raise ValueError(f"two source keys map to {dst!r} (the second is {key!r})")
+        else:
+            out[dst] = value
+            report.matched.append((key, dst))
+    return out, report
+
+
+def finish_report(out: dict[str, Tensor], report: ConversionReport, target_keys: Iterable[str] | None
+                  ) -> tuple[dict[str, Tensor], ConversionReport]:
+    """Fill ``report.missing`` (target keys nothing was produced for) when ``target_keys`` is given."""
     if target_keys is not None:
         report.missing = sorted(set(target_keys) - set(out))
     return out, report
+
+
+def _convert(sd: Mapping[str, Tensor], variant_key: Callable[[str], str | None], variant_prefix: str,
+             keep_unmatched: tuple[str, ...], shared_heads: bool | None,
+             target_keys: Iterable[str] | None, backbone: str = "resnet") -> tuple[dict[str, Tensor], ConversionReport]:
+    """Deformable-DETR layouts: ``variant_prefix`` keys through ``variant_key``; ``keep_unmatched`` patterns
+    (the Co-DETR aux parts) stay unmatched for the Co-DETR converter; shared heads folded afterwards."""
+    target_keys = None if target_keys is None else list(target_keys)
+    aux = [re.compile(p) for p in keep_unmatched]
+
+    def key_map(key: str) -> str | None:
+        if any(p.search(key) for p in aux) or not key.startswith(variant_prefix):
+            return None
+        sub = variant_key(key[len(variant_prefix):])
+        return None if sub is None else "variant." + sub
+
+    out, report = map_state_dict(sd, key_map, target_keys=target_keys, backbone=backbone)
+    _fold_shared_heads(out, report, shared_heads)
+    return finish_report(out, report, target_keys)
 
 
 _HEAD = re.compile(r"^variant\.(class_heads|box_heads)\.(\d+)\.(.*)$")

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from codetr.core.interfaces import DETRVariant, Memory
+from codetr.core.interfaces import Criterion, DETRVariant, Memory
 from codetr.core.structures import Batch, Detections, level_masks
 
 __all__ = ["Detector", "rescale_detections"]
@@ -52,7 +52,8 @@ class Detector(nn.Module):
         backbone: module returning a list of (B, C_l, H_l, W_l) maps; has ``strides``.
         neck: module mapping those maps to ``num_levels`` maps of ``hidden_dim`` channels; has ``out_strides``.
         variant: the DETR variant.
-        criterion: :class:`~codetr.heads.criterion.SetCriterion` (one-to-one losses, fixed-target losses).
+        criterion: a :class:`~codetr.core.interfaces.Criterion`, normally (an ``nn.Module``)
+            :class:`~codetr.heads.criterion.SetCriterion` (one-to-one losses, fixed-target losses).
         postprocess: ``(DecoderOutputs, image_sizes, orig_sizes) -> list[Detections]`` (original frame).
         collaborative: optional Co-DETR branch (``codetr.heads.collaborative.CollaborativeBranch``) with
             ``loss(memory, batch, variant, criterion) -> dict`` and ``predict(memory, batch)``.
@@ -61,7 +62,7 @@ class Detector(nn.Module):
         exact_padding: at inference, compute backbone + neck per image (see ``_features_per_image``).
     """
 
-    def __init__(self, backbone: nn.Module, neck: nn.Module, variant: DETRVariant, criterion: nn.Module,
+    def __init__(self, backbone: nn.Module, neck: nn.Module, variant: DETRVariant, criterion: Criterion,
                  postprocess: Callable[..., list[Detections]], num_classes: int,
                  collaborative: nn.Module | None = None, eval_module: str = "detr",
                  score_threshold: float = 0.0, exact_padding: bool = True):

@@ -21,8 +21,9 @@ Frames and formats (see also :mod:`codetr.core.structures`):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +47,46 @@ __all__ = [
     "AuxHead",
     "QueryEncoder",
     "DETRVariant",
+    "Criterion",
+    "CriterionOutput",
+    "EXTRAS_ENC_LOGITS",
+    "EXTRAS_ENC_BOXES",
+    "EXTRAS_ENC_LOGITS_ALL",
+    "EXTRAS_ENC_BOXES_UNACT_ALL",
+    "EXTRAS_ENC_PROPOSALS_UNACT",
+    "EXTRAS_ENC_VALID",
+    "EXTRAS_TOPK_INDICES",
+    "EXTRAS_TOPK_BOXES_UNACT",
 ]
+
+
+# --------------------------------------------------------------------------- Memory.extras keys
+# Two-stage proposal tensors a variant's ``encode`` puts in ``Memory.extras``. One key = one meaning in every
+# variant (Deformable-DETR two-stage / ++, DINO, and the variants built on them). S = number of encoder tokens,
+# k = number of selected proposals (the decoder's queries), C' = classes of the encoder head. Boxes are in the
+# frame of query references: normalised cxcywh relative to each image's valid size (a grid proposal's centre
+# is ``(i + 0.5) / valid cells`` of its level); "unact" = inverse sigmoid (logit space).
+
+#: (B, N, C') logits of the proposals the **encoder loss** trains (``SetCriterion`` with ``enc_loss`` != "none").
+#: Which proposals is the variant's official choice: every token (N = S; Deformable-DETR two-stage /
+#: Co-Deformable-DETR, class-agnostic "binary" loss) or the selected top-k (N = k; DINO / Co-DINO, "class" loss).
+EXTRAS_ENC_LOGITS = "enc_logits"
+#: (B, N, 4) normalised cxcywh boxes (sigmoid, with gradient) of the same N proposals as ``EXTRAS_ENC_LOGITS``.
+EXTRAS_ENC_BOXES = "enc_boxes"
+#: (B, S, C') encoder-head logits of **every** token (top-k selection and inspection; with gradient).
+EXTRAS_ENC_LOGITS_ALL = "enc_logits_all"
+#: (B, S, 4) refined proposal of every token in logit space: ``box_head(token) + grid proposal``; +inf where
+#: the proposal is invalid (see ``EXTRAS_ENC_VALID``).
+EXTRAS_ENC_BOXES_UNACT_ALL = "enc_boxes_unact_all"
+#: (B, S, 4) the unrefined grid proposal of every token in logit space (+inf where invalid).
+EXTRAS_ENC_PROPOSALS_UNACT = "enc_proposals_unact"
+#: (B, S) bool, False where the token is padding or its grid proposal lies outside (0.01, 0.99).
+EXTRAS_ENC_VALID = "enc_valid"
+#: (B, k) int64 token index of each selected proposal (best first); ``k = min(#proposals, S)``.
+EXTRAS_TOPK_INDICES = "topk_indices"
+#: (B, k, 4) the selected refined proposals in logit space, **detached**: the decoder's initial reference
+#: boxes are their sigmoid.
+EXTRAS_TOPK_BOXES_UNACT = "topk_boxes_unact"
 
 
 # --------------------------------------------------------------------------- tensors exchanged
@@ -102,8 +142,9 @@ class Memory:
     Attributes:
         memory: (B, S, C) encoded tokens, same layout as ``inputs.feats``.
         inputs: the :class:`EncoderInputs` the encoder consumed (shapes, masks, ratios).
-        extras: variant-specific tensors (e.g. two-stage proposals ``enc_logits`` (B, S, C') and
-            ``enc_boxes`` (B, S, 4) normalised cxcywh) that the criterion may use.
+        extras: variant-specific tensors, keyed by the ``EXTRAS_*`` constants of this module (two-stage
+            proposals: ``EXTRAS_ENC_LOGITS`` / ``EXTRAS_ENC_BOXES`` are what the criterion's encoder loss
+            trains; ``EXTRAS_TOPK_*`` the selected proposals; ``EXTRAS_ENC_*_ALL`` every token).
     """
 
     memory: Tensor
@@ -258,11 +299,32 @@ class OneToOneAssigner(ABC):
             image_size_hw: (2,) valid size, for costs computed in pixels.
         """
 
+    def match_batch(self, logits: Tensor, boxes: Tensor, gt_labels: list[Tensor], gt_boxes: list[Tensor],
+                    image_sizes: Tensor | None = None) -> list[MatchResult]:
+        """Match B images (the criterion's call): (B, Q, C) logits, (B, Q, 4) boxes, B GT tensors, (B, 2)
+        valid sizes or None. Default: :meth:`match` per image; matchers may batch the work (Hungarian does)."""
+        return [self.match(logits[i], boxes[i], gt_labels[i], gt_boxes[i],
+                           None if image_sizes is None else image_sizes[i]) for i in range(boxes.shape[0])]
+
 
 class OneToManyAssigner(ABC):
-    """Anchor/proposal -> GT assignment (ATSS, Max-IoU, SimOTA, ...). Pure function of tensors."""
+    """Anchor/proposal -> GT assignment (ATSS, Max-IoU, SimOTA, ...). Pure function of tensors.
+
+    Slots that call it (each takes any registered ``codetr.assigners`` component of this kind): the ATSS
+    head (anchors, level-major ``num_per_level``, class labels), the Faster R-CNN RPN (anchors inside the
+    image, level-major ``num_per_level``, class-agnostic: ``gt_labels`` all 0 and ``num_classes`` 1) and the
+    Faster R-CNN RoI stage (proposals, ``num_per_level=None``, class labels).
+
+    Attributes:
+        uses_predictions: True for prediction-aware assigners (SimOTA-like). The ATSS head then passes
+            ``pred_scores`` (A, num_classes) and ``pred_boxes_xyxy`` (A, 4) of its own detached outputs; the
+            RPN passes its objectness (A, 1) and decoded boxes (A, 4). The RoI stage assigns before any RoI
+            prediction exists and passes none (its candidates, the proposals, already are predicted boxes).
+            Static assigners leave it False and receive None.
+    """
 
     kind: Literal["one_to_many"] = "one_to_many"
+    uses_predictions: ClassVar[bool] = False
 
     @abstractmethod
     def assign(self, anchors_xyxy: Tensor, num_per_level: list[int], gt_boxes_xyxy: Tensor,
@@ -304,6 +366,54 @@ class QueryEncoder(nn.Module, ABC):
     def forward(self, coords: PositiveCoords, group: int, memory: Memory, pyramid: FeaturePyramid,
                 batch: Batch, generator: torch.Generator | None = None) -> tuple[QueryGroup, AuxTargets]:
         """Select positives (+ random-negative padding), embed them, return queries + fixed targets."""
+
+
+class CriterionOutput(Protocol):
+    """What :meth:`Criterion.compute` returns (``codetr.heads.criterion.CriterionResult``).
+
+    Attributes:
+        losses: already-weighted loss terms (official key names, see :mod:`codetr.heads.criterion`).
+        matches: the one-to-one matches behind them: ``"d{i}"`` per decoder layer, ``"enc"`` for the
+            encoder proposals; B :class:`MatchResult` each.
+    """
+
+    losses: dict[str, Tensor]
+    matches: dict[str, list[MatchResult]]
+
+
+@runtime_checkable
+class Criterion(Protocol):
+    """The DETR-branch loss contract the detector, the variants and the Co-DETR branch rely on
+    (implemented by ``codetr.heads.criterion.SetCriterion``; core never imports it).
+
+    ``outputs`` are one query group's :class:`DecoderOutputs` ((L, B, Q, C) logits, (L, B, Q, 4) normalised
+    cxcywh boxes). Every method returns already-weighted losses keyed ``[d{i}.]{prefix}loss_{cls,bbox,iou}
+    {suffix}`` (no ``d{i}.`` for the last layer).
+    """
+
+    def compute(self, outputs: DecoderOutputs, batch: Batch, extras: Mapping[str, Tensor] | None = None
+                ) -> CriterionOutput:
+        """Per-layer Hungarian matching + losses of the "main" group; with an encoder loss configured also
+        ``enc_loss_*`` on ``extras[EXTRAS_ENC_LOGITS]`` / ``extras[EXTRAS_ENC_BOXES]`` (``Memory.extras``)."""
+        ...
+
+    def __call__(self, outputs: DecoderOutputs, batch: Batch, extras: Mapping[str, Tensor] | None = None
+                 ) -> dict[str, Tensor]:
+        """``compute(outputs, batch, extras).losses``."""
+        ...
+
+    def fixed_target_loss(self, outputs: DecoderOutputs, targets: AuxTargets, *, prefix: str = "",
+                          suffix: str = "", image_sizes: Tensor | None = None, weight: float = 1.0
+                          ) -> dict[str, Tensor]:
+        """Losses of a group with fixed targets (no matching) on every decoder layer, e.g. DINO's denoising
+        part (``prefix="dn_"``); ``image_sizes`` (B, 2) valid (h, w) for the pixel GIoU; times ``weight``."""
+        ...
+
+    def aux_group_loss(self, outputs: DecoderOutputs, targets: AuxTargets, suffix: str,
+                       image_sizes: Tensor | None = None, weight: float = 1.0) -> dict[str, Tensor]:
+        """Co-DETR customized positive query group ``k`` (``suffix="_aux{k}"``): ``fixed_target_loss`` with
+        that suffix, times ``weight`` (lambda_1)."""
+        ...
 
 
 class DETRVariant(nn.Module, ABC):
@@ -350,7 +460,7 @@ class DETRVariant(nn.Module, ABC):
         """
         return [(group, outputs)]
 
-    def group_loss(self, group: QueryGroup, outputs: DecoderOutputs, batch: Batch, criterion: nn.Module
+    def group_loss(self, group: QueryGroup, outputs: DecoderOutputs, batch: Batch, criterion: Criterion
                    ) -> dict[str, Tensor]:
         """Losses of an extra group (or group part, see :meth:`split_outputs`) this variant made in
         ``make_queries`` (e.g. DINO's denoising part "dn").

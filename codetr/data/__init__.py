@@ -11,7 +11,12 @@ module                 what
 ``synth``              ``make_synthetic``: deterministic synthetic shapes dataset (COCO json + images)
 ``transforms``         detection transforms + ``TransformsConfig`` / ``build_transforms``
 ``collate``            ``Sample`` and ``collate`` -> ``Batch``
-``loader``             ``ShardLoader`` / ``CocoFolderLoader`` / ``build_loader`` / ``DataSourceConfig``
+``loader``             ``build_loader`` / ``source_categories`` / ``DataSourceConfig`` (entry point, semantics)
+``shards``             shard resolution (``resolve_shards``, ``DatasetInfo``) and epoch planning (``plan_epoch``)
+``loader_base``        ``LoaderOptions`` (options shared by the loaders) and the ``DetectionLoader`` base
+``stream``             ``ShardLoader``: streaming loader over webdataset shards
+``coco_folder``        ``CocoFolderDataset`` / ``CocoFolderLoader``: a COCO json + image folder, map-style
+``tables``             rich key/value tables shared by the convert report and ``inspect``
 ``inspect``            shard statistics and rendered samples
 ``cli``                ``codetr data convert|synth|inspect``
 =====================  =========================================================================
@@ -62,17 +67,23 @@ _EXPORTS: dict[str, str] = {
     "Sample": "collate",
     "collate": "collate",
     "PADDING_IMAGE_ID": "collate",
-    # loader
+    # loaders
     "DataSourceConfig": "loader",
     "CocoSourceConfig": "loader",
     "build_loader": "loader",
     "source_categories": "loader",
-    "DetectionLoader": "loader",
-    "ShardLoader": "loader",
-    "CocoFolderDataset": "loader",
-    "CocoFolderLoader": "loader",
-    "DatasetInfo": "loader",
-    "resolve_rank_world": "loader",
+    "LoaderOptions": "loader_base",
+    "DetectionLoader": "loader_base",
+    "ShardLoader": "stream",
+    "CocoFolderDataset": "coco_folder",
+    "CocoFolderLoader": "coco_folder",
+    "DatasetInfo": "shards",
+    "ShardSet": "shards",
+    "EpochPlan": "shards",
+    "WorkerPlan": "shards",
+    "resolve_rank_world": "shards",
+    "resolve_shards": "shards",
+    "plan_epoch": "shards",
     # inspect
     "inspect_shards": "inspect",
     "render_samples": "inspect",

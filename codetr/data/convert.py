@@ -47,6 +47,7 @@ from codetr.data.format import (
     make_key,
     save_index,
 )
+from codetr.data.tables import key_value_table
 
 __all__ = ["ConversionReport", "convert_coco", "plan_shard_sizes", "write_shard"]
 
@@ -79,9 +80,6 @@ class ConversionReport(BaseModel):
 
         console = console or Console()
         c = self.counts
-        t = Table(title=f"codetr data convert: {self.source_annotations}", show_header=False, title_justify="left")
-        t.add_column("item", style="bold")
-        t.add_column("value", justify="right")
         rows = [
             ("images in file", c.images),
             ("images written", c.images_written),
@@ -98,9 +96,7 @@ class ConversionReport(BaseModel):
             ("output", self.index_path),
             ("time", f"{self.seconds:.1f} s"),
         ]
-        for name, value in rows:
-            t.add_row(name, str(value))
-        console.print(t)
+        console.print(key_value_table(f"codetr data convert: {self.source_annotations}", rows))
         m = Table(title="class mapping (label = rank of category id)", title_justify="left")
         m.add_column("label", justify="right")
         m.add_column("category_id", justify="right")

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from codetr.data.decode import CorruptSampleError, decode_image, meta_to_target, parse_shard_sample
 from codetr.data.format import CategoryInfo, SampleMeta, load_index
+from codetr.data.tables import key_value_table
 from codetr.data.transforms import TransformsConfig, build_transforms
 
 __all__ = ["ShardStats", "inspect_shards", "inspect_coco", "is_coco_json", "render_samples", "iter_shard_samples"]
@@ -57,7 +58,7 @@ def _resolve(source: str | os.PathLike[str] | Sequence[str]) -> tuple[list[str],
         if p.is_dir() or p.suffix == ".json":
             index, root = load_index(p)
             return index.shard_urls(root), index.shard_sizes, list(index.categories)
-    from codetr.data.loader import resolve_shards
+    from codetr.data.shards import resolve_shards
 
     shard_set = resolve_shards(source, require_count=False)  # validates local paths
     cats = list(shard_set.info.categories) if shard_set.info.categories is not None else None
@@ -216,9 +217,6 @@ def _print(stats: ShardStats, console: Any | None, source: str = "shard") -> Non
     console.print(t)
 
     bpi = stats.boxes_per_image
-    o = Table(title="overview", show_header=False, title_justify="left")
-    o.add_column("item", style="bold")
-    o.add_column("value", justify="right")
     rows = [
         ("samples", stats.num_samples),
         ("boxes", stats.num_boxes),
@@ -232,9 +230,7 @@ def _print(stats: ShardStats, console: Any | None, source: str = "shard") -> Non
         ("box aspect w/h, p5/p25/p50/p75/p95", _quantiles(stats.aspect_ratios)),
         ("corrupt samples / read errors", stats.num_corrupt),
     ]
-    for name, value in rows:
-        o.add_row(name, str(value))
-    console.print(o)
+    console.print(key_value_table("overview", rows))
 
     c = Table(title="categories", title_justify="left")
     for col in ("label", "category_id", "name", "boxes", "images"):

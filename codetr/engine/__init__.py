@@ -3,8 +3,18 @@
 =================  ==============================================================================
 module             what
 =================  ==============================================================================
-``trainer``        :class:`Trainer` (``fit`` / ``evaluate``): loop, AMP, accumulation, NaN guard,
-                   logging (rich progress + ``metrics.jsonl``), periodic eval, checkpoints, resume
+``trainer``        :class:`Trainer` (``fit`` / ``evaluate``): construction, the loop (accumulation, AMP),
+                   periodic eval and checkpoints
+``train_state``    what a training checkpoint holds (``build_state``), ``--resume`` (``restore``)
+``step_health``    ``StepHealth``: NaN guard (skipped steps, divergence), degenerate-loss warnings
+``log_window``     ``metrics.jsonl`` records, logging window, rich progress / plain progress lines
+``losses``         the loss-dict contract (``sum_losses``, ``LOSS_KEY``), the training forward
+``validation``     COCO evaluation of the detector on ``data.val`` (every rank, gathered)
+``data_stream``    epoch start / batch draw isolated from the model's RNG, mid-epoch resume position
+``precision``      autocast dtype, ``runtime.deterministic`` settings
+``rng``            ``seed_all``, ``isolated_rng``
+``factories``      default model (``build_detector``) and loader (``build_loader``) factories
+``errors``         ``TrainingError``
 ``optim``          ``build_optimizer`` (named param groups), ``build_scheduler`` (warmup + steps),
                    ``OptimizerStepper`` (accumulation, clipping, GradScaler)
 ``distributed``    ``init_distributed`` (torchrun / Slurm env), collectives, device resolution, DDP
@@ -24,7 +34,7 @@ from typing import Any
 
 _EXPORTS = {
     "Trainer": "trainer",
-    "TrainingError": "trainer",
+    "TrainingError": "errors",
     "build_optimizer": "optim",
     "build_scheduler": "optim",
     "OptimizerStepper": "optim",

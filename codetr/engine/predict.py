@@ -19,6 +19,7 @@ from rich.console import Console
 from torch import nn
 
 from codetr.core.structures import Target
+from codetr.engine import factories
 from codetr.engine.checkpoint import extract_state_dict, load_checkpoint, load_weights
 from codetr.engine.distributed import resolve_device
 from codetr.engine.visualize import draw_detections
@@ -101,12 +102,6 @@ def _eval_pipeline(recipe: "Recipe"):
     return build_transforms(spec, train=False), size_divisor
 
 
-def _default_model_factory(model_cfg: Any) -> nn.Module:
-    from codetr.assembly import build_detector
-
-    return build_detector(model_cfg)
-
-
 @torch.no_grad()
 def predict_images(
     recipe: "Recipe",
@@ -132,7 +127,7 @@ def predict_images(
         raise ValueError(f"--score-threshold must be in [0, 1], got {score_threshold}")
     paths = expand_image_paths(image_paths)
     dev = resolve_device(device or recipe.runtime.device)
-    model = (model_factory or _default_model_factory)(recipe.model)
+    model = (model_factory or factories.default_model_factory)(recipe.model)
     state = None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from codetr.evaluation.coco import BACKENDS, CocoMetrics, EvaluationError, evaluate_predictions_file
+from codetr.evaluation import BACKENDS, CocoMetrics, EvaluationError, evaluate_predictions_file
 
 __all__ = ["eval_predictions_command"]
 

@@ -53,10 +53,11 @@ from pydantic import Field
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
+from codetr.assigners import build_one_to_many
 from codetr.assigners.atss import ATSSAssigner, ATSSAssignerConfig
 from codetr.core.interfaces import (AssignResult, AuxHead, AuxHeadOutput, FeaturePyramid, OneToManyAssigner,
                                     PositiveCoords)
-from codetr.core.registry import Component, ComponentConfig, component_field, registry
+from codetr.core.registry import Component, ComponentConfig, component_field
 from codetr.core.dist import reduce_mean
 from codetr.core.structures import Batch, Detections
 from codetr.heads.anchors import AnchorGenerator
@@ -168,63 +169,67 @@ class ATSSTargets:
 
 
 def centerness_target(anchors: Tensor, gts: Tensor) -> Tensor:
-    """sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)) of the anchor centres inside their GT boxes."""
+    """sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)) of the anchor centres inside their GT boxes.
+
+    Distances are clamped at 0, so a positive whose centre lies outside its GT box (ATSS never makes one;
+    centre-radius assigners such as SimOTA can) gets target 0 instead of NaN; inside values are unchanged.
+    """
     cx = (anchors[:, 2] + anchors[:, 0]) / 2
     cy = (anchors[:, 3] + anchors[:, 1]) / 2
-    l_ = cx - gts[:, 0]
-    t_ = cy - gts[:, 1]
-    r_ = gts[:, 2] - cx
-    b_ = gts[:, 3] - cy
+    l_ = (cx - gts[:, 0]).clamp(min=0)
+    t_ = (cy - gts[:, 1]).clamp(min=0)
+    r_ = (gts[:, 2] - cx).clamp(min=0)
+    b_ = (gts[:, 3] - cy).clamp(min=0)
     lr = torch.stack([l_, r_], dim=1)
     tb = torch.stack([t_, b_], dim=1)
     return torch.sqrt((lr.min(dim=-1)[0] / lr.max(dim=-1)[0]) * (tb.min(dim=-1)[0] / tb.max(dim=-1)[0]))
 
 
 class ATSSHead(AuxHead):
-    """ATSS auxiliary head; see the module docstring.
+    """ATSS auxiliary head; see the module docstring. Build from a recipe with :func:`build_atss_head`.
 
     Args:
-        num_classes, in_channels: classes and pyramid channels.
-        assigner: any :class:`OneToManyAssigner` (default ATSS top-9). Assigners that set
-            ``uses_predictions = True`` also receive the detached sigmoid scores and decoded boxes.
+        cfg: the head config; ``num_classes`` and ``hidden_dim`` (the pyramid's channels) must be set.
+        assigner: the built one-to-many assigner of ``cfg.assigner`` (None: ATSS top-``cfg.assigner.topk``
+            when ``cfg.assigner`` is an ATSS config). Assigners with ``uses_predictions = True`` also
+            receive the detached sigmoid scores and decoded boxes.
         loss_scale: multiplier of all three losses (Co-DETR: ``lambda_2 * num_decoder_layers``).
     """
 
     tag = "atss"
 
-    def __init__(self, num_classes: int, in_channels: int, feat_channels: int = 256, stacked_convs: int = 1,
-                 norm_groups: int = 32, anchor_scale: float = 8.0, strides: list[int] | None = None,
-                 pyramid_levels: int | None = None, center_offset: float = 0.0,
-                 bbox_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2),
-                 assigner: OneToManyAssigner | None = None, loss_cls_weight: float = 1.0,
-                 loss_bbox_weight: float = 2.0, loss_centerness_weight: float = 1.0, focal_alpha: float = 0.25,
-                 focal_gamma: float = 2.0, prior_prob: float = 0.01, loss_scale: float = 1.0,
-                 nms_pre: int = 1000, score_thr: float = 0.0, nms_iou: float = 0.6, max_per_img: int = 100,
-                 min_bbox_size: float | None = 0.0):
+    def __init__(self, cfg: ATSSHeadConfig, assigner: OneToManyAssigner | None = None, loss_scale: float = 1.0):
         super().__init__()
-        if strides is not None and pyramid_levels is not None and len(strides) != pyramid_levels:
-            raise ValueError(f"strides {strides} do not have pyramid_levels={pyramid_levels} entries")
-        self.num_classes = int(num_classes)
-        self.in_channels = int(in_channels)
-        self.feat_channels = int(feat_channels)
-        self.strides = None if strides is None else [int(s) for s in strides]
+        cfg.require_shared("num_classes", "hidden_dim")
+        pyramid_levels = _pyramid_levels(cfg)
+        if assigner is None:
+            if not isinstance(cfg.assigner, ATSSAssignerConfig):
+                raise ValueError(f"ATSSHead: pass the built assigner for assigner type {cfg.assigner.type!r} "
+                                 "(build_atss_head does it through the registry)")
+            assigner = ATSSAssigner(cfg.assigner)
+        self.cfg = cfg
+        self.num_classes = int(cfg.num_classes)
+        self.in_channels = int(cfg.hidden_dim)
+        self.feat_channels = int(cfg.feat_channels)
+        self.strides = None if cfg.strides is None else [int(s) for s in cfg.strides]
         self.num_levels = len(self.strides) if self.strides is not None else int(pyramid_levels or 5)
-        self.anchor_scale = float(anchor_scale)
-        self.center_offset = float(center_offset)
-        self.coder = DeltaXYWHCoder(means=(0.0, 0.0, 0.0, 0.0), stds=bbox_stds)
-        self.assigner = assigner if assigner is not None else ATSSAssigner(topk=9)
-        self.loss_cls_weight = float(loss_cls_weight)
-        self.loss_bbox_weight = float(loss_bbox_weight)
-        self.loss_centerness_weight = float(loss_centerness_weight)
-        self.focal_alpha = float(focal_alpha)
-        self.focal_gamma = float(focal_gamma)
-        self.prior_prob = float(prior_prob)
+        self.anchor_scale = float(cfg.anchor_scale)
+        self.center_offset = float(cfg.center_offset)
+        self.coder = DeltaXYWHCoder(means=(0.0, 0.0, 0.0, 0.0), stds=tuple(cfg.bbox_stds))
+        self.assigner = assigner
+        self.loss_cls_weight = float(cfg.loss_cls_weight)
+        self.loss_bbox_weight = float(cfg.loss_bbox_weight)
+        self.loss_centerness_weight = float(cfg.loss_centerness_weight)
+        self.focal_alpha = float(cfg.focal_alpha)
+        self.focal_gamma = float(cfg.focal_gamma)
+        self.prior_prob = float(cfg.prior_prob)
         self.loss_scale = float(loss_scale)
-        self.nms_pre = int(nms_pre)
-        self.score_thr = float(score_thr)
-        self.nms_iou = float(nms_iou)
-        self.max_per_img = int(max_per_img)
-        self.min_bbox_size = min_bbox_size
+        self.nms_pre = int(cfg.nms_pre)
+        self.score_thr = float(cfg.score_thr)
+        self.nms_iou = float(cfg.nms_iou)
+        self.max_per_img = int(cfg.max_per_img)
+        self.min_bbox_size = cfg.min_bbox_size
+        stacked_convs, norm_groups = cfg.stacked_convs, cfg.norm_groups
 
         self.cls_convs = nn.ModuleList()
         self.reg_convs = nn.ModuleList()
@@ -302,7 +307,7 @@ class ATSSHead(AuxHead):
         num_per_level = [int(a.shape[0]) for a in level_anchors]
         anchors = torch.cat(level_anchors, dim=0)
         num_anchors = anchors.shape[0]
-        uses_preds = bool(getattr(self.assigner, "uses_predictions", False))
+        uses_preds = self.assigner.uses_predictions
         if uses_preds and outputs is not None:
             all_scores, all_boxes = self._flat_predictions(outputs, anchors)
 
@@ -480,12 +485,7 @@ def official_atss_key_map(key: str, index: int = 0) -> str | None:
 
 def official_atss_state_dict(state_dict: dict[str, Tensor], index: int = 0) -> dict[str, Tensor]:
     """The ``bbox_head.<index>.*`` entries of an official state dict, renamed for :class:`ATSSHead`."""
-    out = {}
-    for k, v in state_dict.items():
-        nk = official_atss_key_map(k, index)
-        if nk is not None:
-            out[nk] = v
-    return out
+    return {nk: v for k, v in state_dict.items() if (nk := official_atss_key_map(k, index)) is not None}
 
 
 # --------------------------------------------------------------------------- component
@@ -502,23 +502,14 @@ def _pyramid_levels(cfg: ATSSHeadConfig) -> int | None:
 
 
 def build_atss_head(cfg: ATSSHeadConfig, loss_scale: float = 1.0) -> ATSSHead:
-    """``codetr.aux_heads`` builder. ``loss_scale``: set by the Co-DETR branch to ``lambda_2 * num_decoder_layers``."""
-    if cfg.num_classes is None or cfg.hidden_dim is None:
-        raise ValueError("ATSSHeadConfig.num_classes and hidden_dim must be set (the recipe injects them)")
-    acfg = cfg.assigner
-    assigner = (ATSSAssigner(topk=acfg.topk) if isinstance(acfg, ATSSAssignerConfig)
-                else registry.build("assigners", acfg))
-    if not isinstance(assigner, OneToManyAssigner):
-        raise ValueError(f"ATSSHead needs a one-to-many assigner, got {type(assigner).__name__} ({acfg.type!r})")
-    return ATSSHead(
-        num_classes=cfg.num_classes, in_channels=cfg.hidden_dim, feat_channels=cfg.feat_channels,
-        stacked_convs=cfg.stacked_convs, norm_groups=cfg.norm_groups, anchor_scale=cfg.anchor_scale,
-        strides=cfg.strides, pyramid_levels=_pyramid_levels(cfg), center_offset=cfg.center_offset,
-        bbox_stds=tuple(cfg.bbox_stds), assigner=assigner, loss_cls_weight=cfg.loss_cls_weight,
-        loss_bbox_weight=cfg.loss_bbox_weight, loss_centerness_weight=cfg.loss_centerness_weight,
-        focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma, prior_prob=cfg.prior_prob,
-        loss_scale=loss_scale, nms_pre=cfg.nms_pre, score_thr=cfg.score_thr, nms_iou=cfg.nms_iou,
-        max_per_img=cfg.max_per_img, min_bbox_size=cfg.min_bbox_size)
+    """``codetr.aux_heads`` builder. ``loss_scale``: set by the Co-DETR branch to ``lambda_2 * num_decoder_layers``.
+
+    The ``assigner`` slot takes any registered one-to-many assigner (built through the registry, so plugin
+    assigners work here exactly like ``atss``).
+    """
+    cfg.require_shared("num_classes", "hidden_dim")
+    assigner = build_one_to_many(cfg.assigner, f"aux_heads[{cfg.type}].assigner")
+    return ATSSHead(cfg, assigner=assigner, loss_scale=loss_scale)
 
 
 COMPONENT = Component(config=ATSSHeadConfig, build=build_atss_head,

@@ -46,7 +46,8 @@ from torch import Tensor, nn
 
 from codetr.core.config.criterion import SetCriterionConfig
 from codetr.core.dist import get_world_size, reduce_mean
-from codetr.core.interfaces import AuxTargets, DecoderOutputs, MatchResult
+from codetr.core.interfaces import (EXTRAS_ENC_BOXES, EXTRAS_ENC_LOGITS, AuxTargets, DecoderOutputs, MatchResult,
+                                    OneToOneAssigner)
 from codetr.core.registry import registry
 from codetr.core.structures import Batch, cxcywh_to_xyxy, normalize_boxes
 from codetr.heads.losses import aligned_iou, giou_loss, l1_loss, quality_focal_loss, sigmoid_focal_loss
@@ -60,8 +61,9 @@ __all__ = [
     "loss_name",
 ]
 
-ENC_LOGITS_KEY = "enc_logits"
-ENC_BOXES_KEY = "enc_boxes"
+#: ``Memory.extras`` keys of the encoder-loss proposals (the same constants as :mod:`codetr.core.interfaces`).
+ENC_LOGITS_KEY = EXTRAS_ENC_LOGITS
+ENC_BOXES_KEY = EXTRAS_ENC_BOXES
 _TERMS = ("cls", "bbox", "iou")
 
 
@@ -95,6 +97,10 @@ class SetCriterion(nn.Module):
         super().__init__()
         self.cfg = cfg or SetCriterionConfig()
         self.matcher = registry.build("assigners", self.cfg.matcher)
+        if not isinstance(self.matcher, OneToOneAssigner):
+            raise ValueError(f"model.criterion.matcher: {self.cfg.matcher.type!r} builds a "
+                             f"{type(self.matcher).__name__}, not a one-to-one matcher "
+                             "(codetr.core.interfaces.OneToOneAssigner); the default is 'hungarian'")
 
     def extra_repr(self) -> str:
         c = self.cfg

@@ -6,15 +6,15 @@ Official counterpart: ``RPNHead`` + ``CoStandardRoIHead`` with ``Shared2FCBBoxHe
 
 1. **RPN** on *every* pyramid level: 9 anchors per location (``octave_base_scale`` 4, 3 scales, ratios
    0.5/1/2, centre offset 0). Per image, anchors outside the valid image (MMDetection ceil rule) are
-   dropped, the rest are assigned class-agnostically by :class:`MaxIoUAssigner` (0.7 / 0.3 / 0.3,
-   low-quality matches) and sampled by :class:`RandomSampler` (256, 50 % positives, no GT added).
+   dropped, the rest are assigned class-agnostically by the ``rpn_assigner`` slot (default
+   :class:`MaxIoUAssigner` 0.7 / 0.3 / 0.3, low-quality matches; any registered one-to-many assigner) and sampled by :class:`RandomSampler` (256, 50 % positives, no GT added).
    ``loss_rpn_cls``: sigmoid BCE over the sampled anchors; ``loss_rpn_bbox``: L1 on DeltaXYWH deltas
    (stds 1) of the positives; both divided by ``sum_b max(#pos_b, 1) + sum_b max(#neg_b, 1)`` and
    computed per level then summed (the official loss dict lists one value per level).
 2. **Proposals** (detached): per level the ``nms_pre`` (4000) best anchors, decode + clip, NMS 0.7 across
    levels with the level as the class, top 1000 (:func:`codetr.heads.rpn.rpn_proposals`).
-3. **RoI head**: per image, proposals are assigned by :class:`MaxIoUAssigner` (0.5 / 0.5 / 0.5, no
-   low-quality matches) against the class labels and sampled by :class:`RandomSampler` (512, 25 %
+3. **RoI head**: per image, proposals are assigned by the ``roi_assigner`` slot (default
+   :class:`MaxIoUAssigner` 0.5 / 0.5 / 0.5, no low-quality matches) against the class labels and sampled by :class:`RandomSampler` (512, 25 %
    positives, **GT boxes added as proposals**). Sampled RoIs (positives then negatives) are RoIAligned
    7x7 from ``roi_strides`` (default: all pyramid levels but the last) and classified by
    :class:`Shared2FCBBoxHead`. ``loss_cls``: softmax CE over ``num_classes + 1`` classes averaged over
@@ -52,10 +52,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from torch import Tensor, nn
 
-from codetr.assigners.max_iou import MaxIoUAssigner, MaxIoUAssignerConfig
+from codetr.assigners import build_one_to_many
+from codetr.assigners.max_iou import MaxIoUAssignerConfig
 from codetr.assigners.sampler import RandomSampler, SamplingResult
 from codetr.core.interfaces import AuxHead, AuxHeadOutput, FeaturePyramid, PositiveCoords
-from codetr.core.registry import Component, ComponentConfig
+from codetr.core.registry import Component, ComponentConfig, component_field
 from codetr.core.structures import Batch, Detections
 from codetr.heads.anchors import AnchorGenerator, anchor_inside_flags
 from codetr.heads.box_coder import DeltaXYWHCoder
@@ -116,8 +117,9 @@ class FasterRCNNHeadConfig(ComponentConfig):
     anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     anchor_center_offset: float = Field(0.0, ge=0, le=1)
     rpn_target_stds: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
-    rpn_assigner: MaxIoUAssignerConfig = MaxIoUAssignerConfig(
-        pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3, match_low_quality=True)
+    rpn_assigner: component_field("assigners") = Field(default_factory=lambda: MaxIoUAssignerConfig(
+        pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3, match_low_quality=True),
+        description="any one-to-many assigner (class-agnostic: all GT labels 0, 1 class)")
     rpn_sampler: RandomSamplerConfig = RandomSamplerConfig(num=256, pos_fraction=0.5, add_gt_as_proposals=False)
     rpn_allowed_border: float = Field(-1.0, description="< 0: every valid anchor is a training candidate")
     rpn_train_proposals: ProposalConfig = ProposalConfig(nms_pre=4000, max_per_img=1000, iou_threshold=0.7)
@@ -134,8 +136,9 @@ class FasterRCNNHeadConfig(ComponentConfig):
     num_shared_fcs: int = Field(2, ge=1)
     reg_class_agnostic: bool = False
     roi_target_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)
-    roi_assigner: MaxIoUAssignerConfig = MaxIoUAssignerConfig(
-        pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5, match_low_quality=False)
+    roi_assigner: component_field("assigners") = Field(default_factory=lambda: MaxIoUAssignerConfig(
+        pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5, match_low_quality=False),
+        description="any one-to-many assigner of the proposals (class labels)")
     roi_sampler: RandomSamplerConfig = RandomSamplerConfig(num=512, pos_fraction=0.25, add_gt_as_proposals=True)
     test: RCNNTestConfig = RCNNTestConfig()
     # ---- base loss weights (multiplied by loss_scale = lambda_2 * num_decoder_layers)
@@ -150,9 +153,12 @@ class FasterRCNNHeadConfig(ComponentConfig):
     @classmethod
     def _merge_with_default(cls, v: object, info: ValidationInfo) -> object:
         """A partial mapping overrides only the keys it names (the other keys keep *this field's* default,
-        e.g. ``roi_assigner: {pos_iou_thr: 0.6}`` keeps 0.5 / 0.5 / no low-quality matching)."""
+        e.g. ``roi_assigner: {pos_iou_thr: 0.6}`` keeps 0.5 / 0.5 / no low-quality matching). An assigner
+        mapping naming another ``type`` (e.g. a plugin) is taken as written."""
         if isinstance(v, dict):
-            default = cls.model_fields[info.field_name].default
+            default = cls.model_fields[info.field_name].get_default(call_default_factory=True)
+            if v.get("type", getattr(default, "type", None)) != getattr(default, "type", None):
+                return v
             return {**default.model_dump(), **v}
         return v
 
@@ -188,9 +194,7 @@ class FasterRCNNHead(AuxHead):
 
     def __init__(self, cfg: FasterRCNNHeadConfig, loss_scale: float = 1.0):
         super().__init__()
-        if cfg.num_classes is None or cfg.hidden_dim is None:
-            raise ValueError("faster_rcnn aux head: num_classes and hidden_dim must be set "
-                             "(the recipe injects model.num_classes / model.hidden_dim)")
+        cfg.require_shared("num_classes", "hidden_dim")
         self.cfg = cfg
         self.num_classes = int(cfg.num_classes)
         self.loss_scale = float(loss_scale)
@@ -202,8 +206,8 @@ class FasterRCNNHead(AuxHead):
             cfg.reg_class_agnostic)
         self.rpn_coder = DeltaXYWHCoder(stds=cfg.rpn_target_stds)
         self.roi_coder = DeltaXYWHCoder(stds=cfg.roi_target_stds)
-        self.rpn_assigner = MaxIoUAssigner(cfg.rpn_assigner)
-        self.roi_assigner = MaxIoUAssigner(cfg.roi_assigner)
+        self.rpn_assigner = build_one_to_many(cfg.rpn_assigner, "aux_heads[faster_rcnn].rpn_assigner")
+        self.roi_assigner = build_one_to_many(cfg.roi_assigner, "aux_heads[faster_rcnn].roi_assigner")
         self.rpn_sampler = RandomSampler(**cfg.rpn_sampler.model_dump())
         self.roi_sampler = RandomSampler(**cfg.roi_sampler.model_dump())
         self._train_props = ProposalSettings(**cfg.rpn_train_proposals.model_dump())
@@ -262,11 +266,21 @@ class FasterRCNNHead(AuxHead):
 
     # ------------------------------------------------------------------ RPN loss
     def _rpn_targets(self, anchors_all: Tensor, valid: Tensor, target_boxes: Tensor, ignore_boxes: Tensor,
-                     image_size_hw: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, SamplingResult]:
+                     image_size_hw: Tensor, level_sizes: list[int], preds: tuple[Tensor, Tensor] | None
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, SamplingResult]:
+        """``preds``: this image's (A_all,) objectness logits and (A_all, 4) deltas, level-major like
+        ``anchors_all``, given when the assigner ``uses_predictions`` (else None)."""
         inside = anchor_inside_flags(anchors_all, valid, image_size_hw, self.cfg.rpn_allowed_border)
         inside_idx = inside.nonzero(as_tuple=False).squeeze(1)
         anchors = anchors_all[inside_idx]
-        assign = self.rpn_assigner.assign(anchors, None, target_boxes, None, 1, ignore_boxes_xyxy=ignore_boxes)
+        per_level = [int(m.sum()) for m in inside.split(level_sizes)]
+        extra = {}
+        if preds is not None:
+            extra = dict(pred_scores=preds[0][inside_idx, None].sigmoid(),
+                         pred_boxes_xyxy=self.rpn_coder.decode(anchors, preds[1][inside_idx]))
+        labels = torch.zeros(target_boxes.shape[0], dtype=torch.long, device=target_boxes.device)  # 1 class
+        assign = self.rpn_assigner.assign(anchors, per_level, target_boxes, labels, 1, ignore_boxes_xyxy=ignore_boxes,
+                                          **extra)
         res = self.rpn_sampler.sample(assign, anchors, target_boxes, None, generator=self.generator)
         n = anchors_all.shape[0]
         labels = torch.ones(n, dtype=torch.long, device=anchors.device)  # 1 = background (1 RPN class)
@@ -293,7 +307,11 @@ class FasterRCNNHead(AuxHead):
         per_image, samples = [], []
         for b, (boxes, _, ignore) in enumerate(targets):
             valid = torch.cat(gen.valid_flags(pyramid.spatial_shapes, batch.image_sizes[b], anchors_all.device))
-            t = self._rpn_targets(anchors_all, valid, boxes, ignore, batch.image_sizes[b])
+            preds = None
+            if self.rpn_assigner.uses_predictions:
+                preds = (torch.cat([c[b].detach().permute(1, 2, 0).reshape(-1) for c in cls_scores]),
+                         torch.cat([r[b].detach().permute(1, 2, 0).reshape(-1, 4) for r in bbox_preds]))
+            t = self._rpn_targets(anchors_all, valid, boxes, ignore, batch.image_sizes[b], sizes, preds)
             per_image.append(t[:4])
             samples.append(t[4])
         num_pos = sum(max(r.num_pos, 1) for r in samples)
@@ -467,12 +485,7 @@ def official_faster_rcnn_key_map(key: str, roi_index: int = 0) -> str | None:
 
 def convert_official_faster_rcnn_state_dict(state_dict: dict[str, Tensor], roi_index: int = 0) -> dict[str, Tensor]:
     """The Faster R-CNN part of an official Co-DETR state dict, renamed for :class:`FasterRCNNHead`."""
-    out = {}
-    for k, v in state_dict.items():
-        new = official_faster_rcnn_key_map(k, roi_index)
-        if new is not None:
-            out[new] = v
-    return out
+    return {nk: v for k, v in state_dict.items() if (nk := official_faster_rcnn_key_map(k, roi_index)) is not None}
 
 
 def build(cfg: FasterRCNNHeadConfig, loss_scale: float = 1.0) -> FasterRCNNHead:

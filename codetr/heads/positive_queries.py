@@ -149,8 +149,7 @@ class PositiveQueryEncoder(QueryEncoder):
 
     def __init__(self, cfg: PositiveQueriesConfig, num_groups: int):
         super().__init__()
-        if cfg.hidden_dim is None or cfg.num_classes is None:
-            raise ValueError("positive_queries needs hidden_dim and num_classes (injected from the recipe's model section)")
+        cfg.require_shared("hidden_dim", "num_classes")
         c = cfg.hidden_dim
         self.cfg = cfg
         self.num_groups = num_groups

@@ -150,9 +150,7 @@ def official_channel_mapper_key_map(state_dict: dict[str, Tensor], prefix: str =
 def build_channel_mapper(cfg: ChannelMapperConfig, in_channels: list[int],
                          in_strides: list[int] | None = None) -> ChannelMapper:
     """Builder: ``in_channels`` / ``in_strides`` are the backbone's ``out_channels`` / ``strides``."""
-    if cfg.hidden_dim is None:
-        raise ValueError("channel_mapper.hidden_dim is not set: it is injected from the recipe's model "
-                         "hidden_dim (or set it explicitly when building the neck by hand)")
+    cfg.require_shared("hidden_dim")
     return ChannelMapper(list(in_channels), None if in_strides is None else list(in_strides), cfg.hidden_dim,
                          num_extra_levels=cfg.num_extra_levels, norm=cfg.norm, norm_groups=cfg.norm_groups,
                          kernel_size=cfg.kernel_size, conv_bias=cfg.conv_bias)

@@ -26,6 +26,15 @@ State-dict layout (prefix ``variant.`` in a detector)::
     query_embedding.weight                        (Q, 2C) one-stage, (Q, C) mixed selection, absent otherwise
     reference_points.*                            one-stage only (Linear C -> 2)
     enc_output.*, enc_output_norm.*, pos_trans.*, pos_trans_norm.*      two-stage only
+
+Two-stage ``Memory.extras`` (keys = the ``EXTRAS_*`` constants of :mod:`codetr.core.interfaces`, the same meaning
+as in DINO): ``enc_logits`` (B, S, C) / ``enc_boxes`` (B, S, 4) the proposals the encoder loss trains, for
+Deformable-DETR every token (``SetCriterion(enc_loss="binary")``; ``enc_logits`` is ``enc_logits_all``),
+``enc_logits_all`` (B, S, C), ``enc_boxes_unact_all`` (B, S, 4), ``enc_proposals_unact`` (B, S, 4) (+inf where
+invalid), ``enc_valid`` (B, S), ``topk_indices`` (B, k) by the class-0 logit and ``topk_boxes_unact`` (B, k, 4)
+detached (the initial references). The encoder side, ``prepare`` / ``encode`` and the proposal generation are the
+shared :class:`~codetr.variants.base.DeformableVariant`; this module adds the one-stage / two-stage queries, the
+refinement options and the decoder loop.
 """
 
 from __future__ import annotations
@@ -37,14 +46,13 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from codetr.core.interfaces import DecoderOutputs, DETRVariant, EncoderInputs, Memory, QueryGroup
+from codetr.core.interfaces import EXTRAS_TOPK_BOXES_UNACT, DecoderOutputs, Memory, QueryGroup
 from codetr.core.registry import Component, ComponentConfig
 from codetr.core.structures import Batch
 from codetr.ops.functional import inverse_sigmoid
-from codetr.ops.position import SinePositionalEncoding, sine_box_embedding
-from codetr.variants.layers import (MLP, DeformableDecoderLayer, DeformableEncoderLayer, LayerStack,
-                                    encoder_reference_points, flatten_levels, grid_proposals,
-                                    init_transformer_weights, run_encoder, valid_ratio)
+from codetr.ops.position import sine_box_embedding
+from codetr.variants.base import DeformableVariant, with_shared_fallbacks
+from codetr.variants.layers import DeformableDecoderLayer, LayerStack, init_prediction_heads
 
 __all__ = ["PRESETS", "DeformableDETRConfig", "DeformableDETR", "build", "COMPONENT"]
 
@@ -140,48 +148,35 @@ class DeformableDETRConfig(ComponentConfig):
         return self
 
 
-class DeformableDETR(DETRVariant):
-    """Deformable-DETR family; see the module docstring. Build with :func:`build`."""
+class DeformableDETR(DeformableVariant):
+    """Deformable-DETR family; see the module docstring. Build with :func:`build`.
+
+    The encoder side, ``prepare`` / ``encode`` and the two-stage proposals come from
+    :class:`~codetr.variants.base.DeformableVariant`; proposals are ranked by the first (class-agnostic)
+    logit and the encoder loss trains every token.
+    """
+
+    proposal_score = "class0"
+    proposal_loss_on = "all"
 
     def __init__(self, cfg: DeformableDETRConfig) -> None:
         super().__init__()
-        for name in ("hidden_dim", "num_levels", "num_decoder_layers", "num_queries", "num_classes"):
-            if getattr(cfg, name) is None:
-                raise ValueError(f"DeformableDETRConfig.{name} is not set (the recipe injects it; use build())")
-        self.cfg = cfg
-        c = self.hidden_dim = int(cfg.hidden_dim)
-        self.num_levels = int(cfg.num_levels)
-        self.num_decoder_layers = int(cfg.num_decoder_layers)
-        self.num_queries = int(cfg.num_queries)
-        self.num_classes = int(cfg.num_classes)
-        self.num_heads = cfg.num_heads
+        c = self._setup(cfg)
         self.with_box_refine = cfg.with_box_refine
         self.two_stage = cfg.two_stage
         self.mixed_selection = cfg.mixed_selection
         self.look_forward_twice = cfg.look_forward_twice
         self.share_heads = (not cfg.with_box_refine) if cfg.share_heads is None else cfg.share_heads
         self.num_proposals = cfg.two_stage_num_proposals or self.num_queries
-        if c % 2:
-            raise ValueError("hidden_dim must be even (half sine features per axis)")
         if self.mixed_selection and self.num_proposals != self.num_queries:
             raise ValueError(f"mixed_selection: two_stage_num_proposals ({self.num_proposals}) must equal "
                              f"num_queries ({self.num_queries}), one learned content query per proposal")
 
-        self.positional_encoding = SinePositionalEncoding(
-            num_feats=c // 2, temperature=cfg.pe_temperature, normalize=True, scale=2 * math.pi, eps=1e-6,
-            offset=cfg.pe_offset)
-        self.level_embed = nn.Parameter(torch.empty(self.num_levels, c))
-        layer_args = (c, cfg.num_heads, self.num_levels, cfg.num_points, cfg.ffn_dim, cfg.dropout)
-        self.encoder = _Stack(DeformableEncoderLayer(*layer_args) for _ in range(cfg.num_encoder_layers))
-        self.decoder = _Stack(DeformableDecoderLayer(*layer_args) for _ in range(self.num_decoder_layers))
-
-        num_heads_needed = 1 if self.share_heads else self.num_decoder_layers + int(self.two_stage)
-        self.class_heads = nn.ModuleList(nn.Linear(c, self.num_classes) for _ in range(num_heads_needed))
-        self.box_heads = nn.ModuleList(MLP(c, c, 4, 3) for _ in range(num_heads_needed))
-
+        layer_args = self._build_encoder(cfg)
+        self.decoder = LayerStack(DeformableDecoderLayer(*layer_args) for _ in range(self.num_decoder_layers))
+        self._build_heads(1 if self.share_heads else self.num_decoder_layers + int(self.two_stage))
         if self.two_stage:
-            self.enc_output = nn.Linear(c, c)
-            self.enc_output_norm = nn.LayerNorm(c)
+            self._build_enc_output()
             self.pos_trans = nn.Linear(2 * c, 2 * c)
             self.pos_trans_norm = nn.LayerNorm(2 * c)
             self.query_embedding = nn.Embedding(self.num_queries, c) if self.mixed_selection else None
@@ -194,19 +189,13 @@ class DeformableDETR(DETRVariant):
     # ------------------------------------------------------------------ init
     def init_weights(self) -> None:
         """Official initialisation (Deformable-DETR / mmdet ``DeformableDETRHead.init_weights``)."""
-        init_transformer_weights(self.encoder, self.decoder, self.level_embed, self)
+        self._init_encoder_weights()
         if self.two_stage:
-            nn.init.xavier_uniform_(self.enc_output.weight)
             nn.init.xavier_uniform_(self.pos_trans.weight)
         else:
             nn.init.xavier_uniform_(self.reference_points.weight)
             nn.init.zeros_(self.reference_points.bias)
-        bias = -math.log((1 - self.cfg.prior_prob) / self.cfg.prior_prob)
-        for head in self.class_heads:
-            nn.init.constant_(head.bias, bias)
-        for head in self.box_heads:
-            nn.init.zeros_(head.layers[-1].weight)
-            nn.init.zeros_(head.layers[-1].bias)
+        init_prediction_heads(self.class_heads, self.box_heads, self.cfg.prior_prob)
         # w, h bias -2 on the (shared, or first when refining) box head; reset to 0 for two-stage because the
         # proposal already carries a size.
         nn.init.constant_(self.box_heads[0].layers[-1].bias[2:], -2.0)
@@ -214,57 +203,12 @@ class DeformableDETR(DETRVariant):
             for head in self.box_heads:
                 nn.init.constant_(head.layers[-1].bias[2:], 0.0)
 
-    def class_head(self, index: int) -> nn.Linear:
-        """Class head of decoder layer ``index`` (``num_decoder_layers`` = the two-stage encoder head)."""
-        return self.class_heads[0 if self.share_heads else index]
-
-    def box_head(self, index: int) -> MLP:
-        return self.box_heads[0 if self.share_heads else index]
-
-    # ------------------------------------------------------------------ prepare
-    def prepare(self, levels: list[Tensor], masks: list[Tensor], strides: list[int]) -> EncoderInputs:
-        if len(levels) != self.num_levels:
-            raise ValueError(f"DeformableDETR was built for {self.num_levels} levels, got {len(levels)}")
-        return flatten_levels(levels, masks, strides, self.positional_encoding, self.level_embed)
-
-    # ------------------------------------------------------------------ encode
-    def encode(self, inputs: EncoderInputs) -> Memory:
-        x = run_encoder(self.encoder.layers, inputs, self.cfg.encoder_checkpoint_layers)
-        memory = Memory(memory=x, inputs=inputs)
-        if self.two_stage:
-            memory.extras.update(self._proposals(x, inputs))
-        return memory
-
-    def _proposals(self, memory: Tensor, inputs: EncoderInputs) -> dict[str, Tensor]:
-        """Two-stage: score every encoder token as a proposal and pick the top-k."""
-        proposals, valid = _grid_proposals(inputs.padding_mask, inputs.spatial_shapes, memory.dtype)
-        out = memory.masked_fill(~valid.unsqueeze(-1), 0.0)
-        out = self.enc_output_norm(self.enc_output(out))
-        head = self.num_decoder_layers
-        logits = self.class_head(head)(out)
-        boxes_unact = self.box_head(head)(out) + proposals
-        score = logits[..., 0]
-        if self.cfg.two_stage_mask_invalid:
-            score = score.masked_fill(~valid, float("-inf"))
-        k = min(self.num_proposals, score.shape[1])
-        topk = torch.topk(score, k, dim=1)[1]
-        return {
-            "enc_logits": logits,                        # (B, S, num_classes)
-            "enc_boxes": boxes_unact.sigmoid(),          # (B, S, 4) normalised cxcywh (1.0 where invalid)
-            "enc_boxes_unact": boxes_unact,              # (B, S, 4) (+inf where invalid)
-            "enc_proposals_unact": proposals,            # (B, S, 4) grid proposals, logit space, +inf invalid
-            "enc_valid": valid,                          # (B, S) bool
-            "topk_indices": topk,                        # (B, k) int64
-        }
-
     # ------------------------------------------------------------------ queries
     def make_queries(self, memory: Memory, batch: Batch | None = None) -> list[QueryGroup]:
         b = memory.memory.shape[0]
         c = self.hidden_dim
         if self.two_stage:
-            topk = memory.extras["topk_indices"]
-            unact = torch.gather(memory.extras["enc_boxes_unact"], 1, topk.unsqueeze(-1).expand(-1, -1, 4)).detach()
-            reference = unact.sigmoid()
+            reference = memory.extras[EXTRAS_TOPK_BOXES_UNACT].sigmoid()
             emb = self.pos_trans_norm(self.pos_trans(self.proposal_embedding(reference)))
             pos, content = emb.split(c, dim=-1)
             if self.mixed_selection:
@@ -312,13 +256,6 @@ class DeformableDETR(DETRVariant):
 
 
 # ---------------------------------------------------------------------- helpers
-# kept under their historical private names
-_Stack = LayerStack
-_valid_ratio = valid_ratio
-_encoder_reference_points = encoder_reference_points
-_grid_proposals = grid_proposals
-
-
 def _apply_delta(delta: Tensor, ref: Tensor) -> Tensor:
     """``delta + inverse_sigmoid(ref)`` on all 4 coordinates (4-D refs) or only on (x, y) (2-D refs)."""
     if ref.shape[-1] == 4:
@@ -336,14 +273,10 @@ def _stack_refs(refs: list[Tensor]) -> Tensor:
 
 def build(cfg: DeformableDETRConfig) -> DeformableDETR:
     """Build the variant; shared fields left unset fall back to Deformable-DETR defaults (num_classes is required)."""
-    update = {k: v for k, v in _SHARED_FALLBACKS.items() if getattr(cfg, k) is None}
-    if cfg.num_queries is None and cfg.preset in _PRESET_NUM_QUERIES:
-        update["num_queries"] = _PRESET_NUM_QUERIES[cfg.preset]
-    if cfg.num_classes is None:
-        raise ValueError("DeformableDETRConfig.num_classes is not set")
-    if update:
-        cfg = DeformableDETRConfig.model_validate({**cfg.model_dump(), **update})
-    return DeformableDETR(cfg)
+    fallbacks = dict(_SHARED_FALLBACKS)
+    if cfg.preset in _PRESET_NUM_QUERIES:
+        fallbacks["num_queries"] = _PRESET_NUM_QUERIES[cfg.preset]
+    return DeformableDETR(with_shared_fallbacks(cfg, fallbacks))
 
 
 COMPONENT = Component(config=DeformableDETRConfig, build=build,

@@ -46,10 +46,14 @@ State-dict layout (prefix ``variant.`` in a detector)::
     query_embedding.weight                                  (Q, C) content queries
     denoising.label_embedding.weight                        (num_classes, C), only with ``with_dn``
 
-``Memory.extras`` (set by :meth:`DINO.encode`): ``enc_logits`` (B, k, C) / ``enc_boxes`` (B, k, 4) the
-selected top-k proposals (what ``SetCriterion(enc_loss="class")`` trains), ``topk_indices`` (B, k),
-``topk_boxes_unact`` (B, k, 4) detached, ``enc_logits_all`` (B, S, C), ``enc_boxes_unact_all`` (B, S, 4),
-``enc_proposals_unact`` (B, S, 4) (+inf where invalid), ``enc_valid`` (B, S).
+``Memory.extras`` (set by :meth:`DINO.encode`, keys = the ``EXTRAS_*`` constants of
+:mod:`codetr.core.interfaces`, the same meaning as in Deformable-DETR): ``enc_logits`` (B, k, C) /
+``enc_boxes`` (B, k, 4) the proposals the encoder loss trains, for DINO the selected top-k (what
+``SetCriterion(enc_loss="class")`` trains), ``topk_indices`` (B, k), ``topk_boxes_unact`` (B, k, 4) detached
+(the initial references), ``enc_logits_all`` (B, S, C), ``enc_boxes_unact_all`` (B, S, 4), ``enc_proposals_unact``
+(B, S, 4) (+inf where invalid), ``enc_valid`` (B, S). Encoder, ``prepare`` / ``encode`` and the proposal
+generation are the shared :class:`~codetr.variants.base.DeformableVariant`; this module adds the DINO decoder
+(``ref_point_head``, ``decoder.norm``, look-forward-twice), the content queries and contrastive denoising.
 """
 
 from __future__ import annotations
@@ -64,14 +68,14 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from codetr.core.interfaces import AuxTargets, DecoderOutputs, DETRVariant, EncoderInputs, Memory, QueryGroup
+from codetr.core.interfaces import (EXTRAS_TOPK_BOXES_UNACT, AuxTargets, Criterion, DecoderOutputs, Memory,
+                                    QueryGroup)
 from codetr.core.registry import Component, ComponentConfig
 from codetr.core.structures import Batch, xyxy_to_cxcywh
 from codetr.ops.functional import inverse_sigmoid
-from codetr.ops.position import SinePositionalEncoding, sine_box_embedding
-from codetr.variants.layers import (MLP, DeformableDecoderLayer, DeformableEncoderLayer, LayerStack,
-                                    flatten_levels, grid_proposals, init_transformer_weights,
-                                    run_encoder)
+from codetr.ops.position import sine_box_embedding
+from codetr.variants.base import DeformableVariant, with_shared_fallbacks
+from codetr.variants.layers import MLP, DeformableDecoderLayer, init_prediction_heads
 
 __all__ = ["DINOConfig", "DINO", "DenoisingGenerator", "DenoisingQueries", "dn_attention_mask",
            "dn_num_groups", "build", "COMPONENT"]
@@ -319,35 +323,25 @@ class DINODecoder(nn.Module):
 
 
 # ---------------------------------------------------------------------- the variant
-class DINO(DETRVariant):
-    """DINO / Co-DINO one-to-one branch; see the module docstring. Build with :func:`build`."""
+class DINO(DeformableVariant):
+    """DINO / Co-DINO one-to-one branch; see the module docstring. Build with :func:`build`.
+
+    The encoder side, ``prepare`` / ``encode`` and the two-stage proposals come from
+    :class:`~codetr.variants.base.DeformableVariant` (always two-stage; proposals ranked by the maximum
+    class logit, the encoder loss trains the selected top-k).
+    """
+
+    two_stage = True
+    proposal_score = "max"
+    proposal_loss_on = "topk"
 
     def __init__(self, cfg: DINOConfig) -> None:
         super().__init__()
-        for name in ("hidden_dim", "num_levels", "num_decoder_layers", "num_queries", "num_classes"):
-            if getattr(cfg, name) is None:
-                raise ValueError(f"DINOConfig.{name} is not set (the recipe injects it; use build())")
-        self.cfg = cfg
-        c = self.hidden_dim = int(cfg.hidden_dim)
-        if c % 2:
-            raise ValueError("hidden_dim must be even (half sine features per axis)")
-        self.num_levels = int(cfg.num_levels)
-        self.num_decoder_layers = int(cfg.num_decoder_layers)
-        self.num_queries = int(cfg.num_queries)
-        self.num_classes = int(cfg.num_classes)
-        self.num_heads = cfg.num_heads
-
-        self.positional_encoding = SinePositionalEncoding(
-            num_feats=c // 2, temperature=cfg.pe_temperature, normalize=True, scale=2 * math.pi, eps=1e-6,
-            offset=cfg.pe_offset)
-        self.level_embed = nn.Parameter(torch.empty(self.num_levels, c))
-        layer_args = (c, cfg.num_heads, self.num_levels, cfg.num_points, cfg.ffn_dim, cfg.dropout)
-        self.encoder = LayerStack(DeformableEncoderLayer(*layer_args) for _ in range(cfg.num_encoder_layers))
+        c = self._setup(cfg)
+        layer_args = self._build_encoder(cfg)
         self.decoder = DINODecoder((DeformableDecoderLayer(*layer_args) for _ in range(self.num_decoder_layers)), c)
-        self.class_heads = nn.ModuleList(nn.Linear(c, self.num_classes) for _ in range(self.num_decoder_layers + 1))
-        self.box_heads = nn.ModuleList(MLP(c, c, 4, 3) for _ in range(self.num_decoder_layers + 1))
-        self.enc_output = nn.Linear(c, c)
-        self.enc_output_norm = nn.LayerNorm(c)
+        self._build_heads(self.num_decoder_layers + 1)
+        self._build_enc_output()
         self.query_embedding = nn.Embedding(self.num_queries, c)
         self.denoising = (DenoisingGenerator(self.num_classes, c, cfg.num_dn_queries, cfg.label_noise_scale,
                                              cfg.box_noise_scale) if cfg.with_dn else None)
@@ -356,59 +350,16 @@ class DINO(DETRVariant):
     # ------------------------------------------------------------------ init
     def init_weights(self) -> None:
         """Official initialisation (mmdet ``DINO.init_weights`` + ``DINOHead.init_weights``; Co-DINO)."""
-        init_transformer_weights(self.encoder, self.decoder, self.level_embed, self)
-        nn.init.xavier_uniform_(self.enc_output.weight)
+        self._init_encoder_weights()
         nn.init.normal_(self.query_embedding.weight)  # Co-DINO / original DINO (nn.Embedding default)
-        bias = -math.log((1 - self.cfg.prior_prob) / self.cfg.prior_prob)
-        for head in self.class_heads:
-            nn.init.constant_(head.bias, bias)
-        for head in self.box_heads:  # two-stage: no (w, h) bias, the reference carries a size
-            nn.init.zeros_(head.layers[-1].weight)
-            nn.init.zeros_(head.layers[-1].bias)
-
-    # ------------------------------------------------------------------ prepare / encode
-    def prepare(self, levels: list[Tensor], masks: list[Tensor], strides: list[int]) -> EncoderInputs:
-        if len(levels) != self.num_levels:
-            raise ValueError(f"DINO was built for {self.num_levels} levels (model.num_levels), got {len(levels)}")
-        return flatten_levels(levels, masks, strides, self.positional_encoding, self.level_embed)
-
-    def encode(self, inputs: EncoderInputs) -> Memory:
-        x = run_encoder(self.encoder.layers, inputs, self.cfg.encoder_checkpoint_layers)
-        memory = Memory(memory=x, inputs=inputs)
-        memory.extras.update(self._proposals(x, inputs))
-        return memory
-
-    def _proposals(self, memory: Tensor, inputs: EncoderInputs) -> dict[str, Tensor]:
-        """Score every encoder token as a proposal (class-specific head) and keep the top-k by max logit."""
-        proposals, valid = grid_proposals(inputs.padding_mask, inputs.spatial_shapes, memory.dtype)
-        out = memory.masked_fill(~valid.unsqueeze(-1), 0.0)
-        out = self.enc_output_norm(self.enc_output(out))
-        head = self.num_decoder_layers
-        logits = self.class_heads[head](out)
-        boxes_unact = self.box_heads[head](out) + proposals
-        score = logits.max(-1)[0]
-        if self.cfg.two_stage_mask_invalid:
-            score = score.masked_fill(~valid, float("-inf"))
-        k = min(self.num_queries, score.shape[1])
-        topk = torch.topk(score, k, dim=1)[1]
-        topk_logits = torch.gather(logits, 1, topk.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-        topk_unact = torch.gather(boxes_unact, 1, topk.unsqueeze(-1).expand(-1, -1, 4))
-        return {
-            "enc_logits": topk_logits,                 # (B, k, C) what the encoder loss trains
-            "enc_boxes": topk_unact.sigmoid(),         # (B, k, 4) normalised cxcywh, with gradient
-            "topk_indices": topk,                      # (B, k)
-            "topk_boxes_unact": topk_unact.detach(),   # (B, k, 4) the decoder's initial references (logit space)
-            "enc_logits_all": logits,                  # (B, S, C)
-            "enc_boxes_unact_all": boxes_unact,        # (B, S, 4) (+inf where invalid)
-            "enc_proposals_unact": proposals,          # (B, S, 4) grid proposals, +inf where invalid
-            "enc_valid": valid,                        # (B, S)
-        }
+        # two-stage: no (w, h) bias on the box heads, the reference carries a size
+        init_prediction_heads(self.class_heads, self.box_heads, self.cfg.prior_prob)
 
     # ------------------------------------------------------------------ queries
     def make_queries(self, memory: Memory, batch: Batch | None = None) -> list[QueryGroup]:
         """The matching queries ("main"); with a batch and ``with_dn`` the DN queries are put in front of them
         in the same group, with the CDN self-attention mask (see :meth:`split_outputs`)."""
-        unact = memory.extras["topk_boxes_unact"]
+        unact = memory.extras[EXTRAS_TOPK_BOXES_UNACT]
         b, k = unact.shape[:2]
         content = self.query_embedding.weight[:k].unsqueeze(0).expand(b, -1, -1)
         reference = unact.sigmoid()
@@ -441,7 +392,7 @@ class DINO(DETRVariant):
         main = QueryGroup(name=group.name, content=group.content[:, n:], reference=group.reference[:, n:])
         return [(dn, part(None, n)), (main, part(n, None))]
 
-    def group_loss(self, group: QueryGroup, outputs: DecoderOutputs, batch: Batch, criterion: nn.Module
+    def group_loss(self, group: QueryGroup, outputs: DecoderOutputs, batch: Batch, criterion: Criterion
                    ) -> dict[str, Tensor]:
         """Denoising losses ``[d{i}.]dn_loss_{cls,bbox,iou}`` (fixed targets, every decoder layer)."""
         if group.name != "dn":
@@ -502,12 +453,7 @@ def _normalised_targets(batch: Batch, device: torch.device) -> tuple[list[Tensor
 
 def build(cfg: DINOConfig) -> DINO:
     """Build the variant; shared fields left unset fall back to DINO-4scale defaults (num_classes is required)."""
-    if cfg.num_classes is None:
-        raise ValueError("DINOConfig.num_classes is not set")
-    update = {k: v for k, v in _SHARED_FALLBACKS.items() if getattr(cfg, k) is None}
-    if update:
-        cfg = DINOConfig.model_validate({**cfg.model_dump(), **update})
-    return DINO(cfg)
+    return DINO(with_shared_fallbacks(cfg, _SHARED_FALLBACKS))
 
 
 COMPONENT = Component(config=DINOConfig, build=build,

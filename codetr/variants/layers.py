@@ -9,13 +9,17 @@ state-dict layout; :mod:`codetr.convert.official` maps the official mmdet / Sens
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from codetr.core.interfaces import EncoderInputs
+from codetr.core.interfaces import (EXTRAS_ENC_BOXES, EXTRAS_ENC_BOXES_UNACT_ALL, EXTRAS_ENC_LOGITS,
+                                    EXTRAS_ENC_LOGITS_ALL, EXTRAS_ENC_PROPOSALS_UNACT, EXTRAS_ENC_VALID,
+                                    EXTRAS_TOPK_BOXES_UNACT, EXTRAS_TOPK_INDICES, EncoderInputs)
 from codetr.ops.msda import MultiScaleDeformableAttention
 
 __all__ = [
@@ -29,7 +33,10 @@ __all__ = [
     "encoder_reference_points",
     "run_encoder",
     "init_transformer_weights",
+    "prediction_heads",
+    "init_prediction_heads",
     "grid_proposals",
+    "two_stage_proposals",
 ]
 
 
@@ -215,6 +222,82 @@ def grid_proposals(padding_mask: Tensor, shapes: list[tuple[int, int]], dtype: t
     valid = ((props > 0.01) & (props < 0.99)).all(-1) & ~padding_mask
     props = torch.log(props / (1 - props)).masked_fill(~valid.unsqueeze(-1), float("inf"))
     return props.to(dtype), valid
+
+
+def two_stage_proposals(memory: Tensor, inputs: EncoderInputs, enc_output: nn.Module, enc_output_norm: nn.Module,
+                        class_head: nn.Module, box_head: nn.Module, num_select: int, *,
+                        score: Literal["class0", "max"], mask_invalid: bool,
+                        loss_on: Literal["all", "topk"]) -> dict[str, Tensor]:
+    """Two-stage proposals: every encoder token is scored as a proposal and the best ``num_select`` are kept.
+
+    Common part (Deformable-DETR two-stage and DINO): the token's grid proposal (:func:`grid_proposals`);
+    ``enc_output_norm(enc_output(memory))`` with invalid tokens zeroed first; ``class_head`` gives the
+    (B, S, C') logits and ``box_head(.) + proposal`` the (B, S, 4) refined boxes in logit space.
+
+    The variant-specific bits are parameters:
+
+    * ``score``: ranking of the tokens, ``"class0"`` = the first class logit (Deformable-DETR's
+      class-agnostic encoder head) or ``"max"`` = the maximum class logit (DINO's class-specific head);
+    * ``mask_invalid``: rank invalid tokens (padding, proposal outside (0.01, 0.99)) last (the official
+      code ranks them by their logit; identical whenever it selects none);
+    * ``loss_on``: what the encoder loss trains (``EXTRAS_ENC_LOGITS`` / ``EXTRAS_ENC_BOXES``): ``"all"``
+      tokens (Deformable-DETR) or the selected ``"topk"`` (DINO).
+
+    Args:
+        memory: (B, S, C) encoder output.
+        inputs: the encoder's inputs (padding mask, spatial shapes).
+        num_select: k before clamping to S.
+
+    Returns:
+        The ``Memory.extras`` entries keyed by the ``EXTRAS_*`` constants of :mod:`codetr.core.interfaces`
+        (shapes and frames documented there); ``k = min(num_select, S)``.
+    """
+    proposals, valid = grid_proposals(inputs.padding_mask, inputs.spatial_shapes, memory.dtype)
+    out = memory.masked_fill(~valid.unsqueeze(-1), 0.0)
+    out = enc_output_norm(enc_output(out))
+    logits = class_head(out)
+    boxes_unact = box_head(out) + proposals
+    ranking = logits[..., 0] if score == "class0" else logits.max(-1)[0]
+    if mask_invalid:
+        ranking = ranking.masked_fill(~valid, float("-inf"))
+    k = min(num_select, ranking.shape[1])
+    topk = torch.topk(ranking, k, dim=1)[1]
+    topk_unact = torch.gather(boxes_unact, 1, topk.unsqueeze(-1).expand(-1, -1, 4))
+    if loss_on == "topk":
+        loss_logits = torch.gather(logits, 1, topk.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        loss_boxes = topk_unact.sigmoid()
+    else:
+        loss_logits, loss_boxes = logits, boxes_unact.sigmoid()
+    return {
+        EXTRAS_ENC_LOGITS: loss_logits,
+        EXTRAS_ENC_BOXES: loss_boxes,
+        EXTRAS_ENC_LOGITS_ALL: logits,
+        EXTRAS_ENC_BOXES_UNACT_ALL: boxes_unact,
+        EXTRAS_ENC_PROPOSALS_UNACT: proposals,
+        EXTRAS_ENC_VALID: valid,
+        EXTRAS_TOPK_INDICES: topk,
+        EXTRAS_TOPK_BOXES_UNACT: topk_unact.detach(),
+    }
+
+
+# ---------------------------------------------------------------------- prediction heads / init
+def prediction_heads(dim: int, num_classes: int, count: int) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """``count`` class heads ``Linear(C, num_classes)``, then ``count`` box heads ``MLP(C, C, 4, 3)`` (the
+    construction order fixes the RNG draws of a seeded build). Returned as ``(class_heads, box_heads)``."""
+    class_heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in range(count))
+    box_heads = nn.ModuleList(MLP(dim, dim, 4, 3) for _ in range(count))
+    return class_heads, box_heads
+
+
+def init_prediction_heads(class_heads: Iterable[nn.Linear], box_heads: Iterable[MLP], prior_prob: float) -> None:
+    """Official head init (no RNG draws): class bias ``-log((1 - p) / p)`` (focal prior ``p``), last box layer
+    zero weight and bias (boxes start at the reference)."""
+    bias = -math.log((1 - prior_prob) / prior_prob)
+    for head in class_heads:
+        nn.init.constant_(head.bias, bias)
+    for head in box_heads:
+        nn.init.zeros_(head.layers[-1].weight)
+        nn.init.zeros_(head.layers[-1].bias)
 
 
 def init_transformer_weights(encoder: nn.Module, decoder: nn.Module, level_embed: Tensor, root: nn.Module) -> None:

@@ -39,7 +39,7 @@ def test_single_gt_mean_plus_std_threshold():
     # thr = 0.98544 -> only a0 is positive.
     anchors = _t([[0, 0, 10, 10], [2, 0, 12, 10], [5, 5, 15, 15], [20, 20, 30, 30], [0, 4, 10, 14]])
     gt = _t([[0, 0, 10, 10]])
-    res = ATSSAssigner(topk=3).assign(anchors, [5], gt, torch.tensor([3]), C)
+    res = ATSSAssigner(ATSSAssignerConfig(topk=3)).assign(anchors, [5], gt, torch.tensor([3]), C)
     assert res.gt_index.tolist() == [0, -1, -1, -1, -1]
     assert res.labels.tolist() == [3, C, C, C, C]
     assert res.num_pos == 1
@@ -52,7 +52,7 @@ def test_unbiased_std_like_official():
     # NO positive (a biased std 0.25 would give thr 1.0 and make a0 positive). The official uses Tensor.std().
     anchors = _t([[0, 0, 10, 10], [0, 0, 10, 20], [40, 40, 50, 50]])
     gt = _t([[0, 0, 10, 10]])
-    res = ATSSAssigner(topk=2).assign(anchors, [3], gt, torch.tensor([1]), C)
+    res = ATSSAssigner(ATSSAssignerConfig(topk=2)).assign(anchors, [3], gt, torch.tensor([1]), C)
     assert res.num_pos == 0
     assert res.labels.tolist() == [C, C, C]
 
@@ -63,7 +63,7 @@ def test_centre_must_be_inside_gt_with_margin(x1, positive):
     # the IoU test. Its centre x is x1 + 5: 0.005 from the GT's left edge (< 0.01 margin -> rejected) or 0.02.
     anchors = _t([[x1, 0, x1 + 10, 10], [-10, -10, 0, 0], [20, 0, 30, 10]])
     gt = _t([[0, 0, 10, 10]])
-    res = ATSSAssigner(topk=3).assign(anchors, [3], gt, torch.tensor([2]), C)
+    res = ATSSAssigner(ATSSAssignerConfig(topk=3)).assign(anchors, [3], gt, torch.tensor([2]), C)
     assert res.gt_index.tolist() == ([0, -1, -1] if positive else [-1, -1, -1])
 
 
@@ -75,7 +75,7 @@ def test_anchor_positive_for_two_gts_goes_to_max_iou(swap):
     gts = _t([b_box, a_box] if swap else [a_box, b_box])
     labels = torch.tensor([4, 1] if swap else [1, 4])
     anchors = _t([[1, 0, 11, 10], [50, 50, 60, 60], [-60, -60, -50, -50]])
-    res = ATSSAssigner(topk=3).assign(anchors, [3], gts, labels, C)
+    res = ATSSAssigner(ATSSAssignerConfig(topk=3)).assign(anchors, [3], gts, labels, C)
     a_idx = 1 if swap else 0
     assert res.gt_index.tolist() == [a_idx, -1, -1]
     assert res.labels.tolist() == [1, C, C]
@@ -86,7 +86,7 @@ def test_exact_iou_tie_goes_to_first_gt():
     # [1,0,11,10] has IoU exactly 90/110 with both [0,0,10,10] and [2,0,12,10]
     anchors = _t([[1, 0, 11, 10], [50, 50, 60, 60], [-60, -60, -50, -50]])
     gts = _t([[2, 0, 12, 10], [0, 0, 10, 10]])
-    res = ATSSAssigner(topk=3).assign(anchors, [3], gts, torch.tensor([2, 3]), C)
+    res = ATSSAssigner(ATSSAssignerConfig(topk=3)).assign(anchors, [3], gts, torch.tensor([2, 3]), C)
     assert res.gt_index.tolist() == [0, -1, -1]
 
 
@@ -96,11 +96,11 @@ def test_topk_is_per_level_and_capped_by_level_size():
     # level 1 -> l1 [-8,-8,24,24] (IoU 0.25). mean 0.61667, unbiased std 0.37528 -> thr 0.99195 -> only l0a.
     anchors = _t([[0, 0, 16, 16], [4, 0, 20, 16], [40, 40, 56, 56], [-8, -8, 24, 24]])
     gt = _t([[0, 0, 16, 16]])
-    res = ATSSAssigner(topk=2).assign(anchors, [3, 1], gt, torch.tensor([0]), C)
+    res = ATSSAssigner(ATSSAssignerConfig(topk=2)).assign(anchors, [3, 1], gt, torch.tensor([0]), C)
     assert res.gt_index.tolist() == [0, -1, -1, -1]
     # with one level of 4 anchors, topk=2 picks l0a and l1 (both at distance 0): IoUs 1, 0.25:
     # mean 0.625, std 0.53033 -> thr 1.155 -> no positive: the per-level split matters
-    res1 = ATSSAssigner(topk=2).assign(anchors, [4], gt, torch.tensor([0]), C)
+    res1 = ATSSAssigner(ATSSAssignerConfig(topk=2)).assign(anchors, [4], gt, torch.tensor([0]), C)
     assert res1.num_pos == 0
 
 
@@ -167,7 +167,7 @@ def test_matches_brute_force_on_random_scenes():
         wh = 8 + torch.rand(n, 2, generator=g) * 50
         gts = torch.cat([xy, xy + wh], 1)
         labels = torch.randint(0, C, (n,), generator=g)
-        res = ATSSAssigner(topk=9).assign(anchors, npl, gts, labels, C)
+        res = ATSSAssigner(ATSSAssignerConfig(topk=9)).assign(anchors, npl, gts, labels, C)
         expect = _naive_atss(anchors, npl, gts, labels, 9)
         assert res.gt_index.tolist() == expect
         pos = res.gt_index >= 0

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -60,20 +58,6 @@ def test_broken_plugin_is_reported_and_isolated(broken_plugin):
     assert registry.get("assigners", "toy_assigner").config.__name__ == "ToyAssigner"
     failures = {f.name: f for f in registry.failures()}
     assert failures["broken"].distribution == "broken-codetr-plugin"
-
-
-@pytest.fixture(scope="session")
-def simota_installed():
-    """Install the example plugin package into the test environment (as a user would with pip)."""
-    try:
-        import codetr_simota  # noqa: F401
-    except ImportError:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                        str(REPO / "examples" / "plugin_assigner")], check=True)
-        importlib.invalidate_caches()
-    registry.refresh()
-    yield
-    registry.refresh()
 
 
 def test_plugin_resolves_from_recipe(simota_installed):

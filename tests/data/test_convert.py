@@ -18,7 +18,8 @@ from codetr.data.format import (
     sanitize_key,
     save_index,
 )
-from codetr.data.loader import ShardLoader
+from codetr.data.loader_base import LoaderOptions
+from codetr.data.stream import ShardLoader
 from codetr.data.transforms import build_transforms
 
 
@@ -114,8 +115,8 @@ def test_round_trip_boxes_labels_and_bytes(synth_set, synth_json, shard_dir):
         x, y, w, h = a["bbox"]
         expected[a["image_id"]].append(([x, y, x + w, y + h], cat2label[a["category_id"]]))
     sizes = {im["id"]: (im["height"], im["width"]) for im in synth_json["images"]}
-    loader = ShardLoader(shard_dir, train=False, batch_size=4, transform=build_transforms({"kind": "none"}, False),
-                         rank=0, world_size=1)
+    loader = ShardLoader(shard_dir, LoaderOptions(train=False, batch_size=4, rank=0, world_size=1),
+                         transform=build_transforms({"kind": "none"}, False))
     got = {}
     for batch in loader:
         for i, iid in enumerate(batch.image_ids):

@@ -11,19 +11,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from codetr.data.coco_folder import CocoFolderDataset, CocoFolderLoader
 from codetr.data.convert import convert_coco, plan_shard_sizes
 from codetr.data.format import DataError, load_index
-from codetr.data.loader import (
-    CocoFolderDataset,
-    CocoFolderLoader,
-    DataSourceConfig,
-    ShardLoader,
-    build_loader,
-    plan_epoch,
-    resolve_rank_world,
-    resolve_shards,
-    source_categories,
-)
+from codetr.data.loader import DataSourceConfig, build_loader, source_categories
+from codetr.data.loader_base import LoaderOptions
+from codetr.data.shards import plan_epoch, resolve_rank_world, resolve_shards
+from codetr.data.stream import ShardLoader
 from codetr.data.transforms import build_transforms
 
 pytestmark = pytest.mark.filterwarnings("ignore:codetr.data. shard skew:RuntimeWarning")
@@ -33,12 +27,13 @@ SMALL_DETR = {"kind": "detr", "scales": [96, 128], "max_size": 200, "crop_resize
               "crop_size": [60, 90], "eval_size": 128}
 
 
-def _loader(src, train, **kw):
+def _loader(src, train, *, transforms=NONE, shuffle_buffer=1000, num_samples=None, **kw):
+    """A ShardLoader; ``kw`` are LoaderOptions fields (batch_size 3, rank 0 of 1 unless given)."""
     kw.setdefault("batch_size", 3)
     kw.setdefault("rank", 0)
     kw.setdefault("world_size", 1)
-    transforms = kw.pop("transforms", NONE)
-    return ShardLoader(src, train=train, transform=build_transforms(transforms, train), **kw)
+    return ShardLoader(src, LoaderOptions(train=train, **kw), transform=build_transforms(transforms, train),
+                       shuffle_buffer=shuffle_buffer, num_samples=num_samples)
 
 
 def _shard_of_id(shard_dir):
@@ -148,7 +143,7 @@ def test_rank_is_resolved_once_in_the_main_process(shard_dir, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert resolve_rank_world() == (1, 2)
     assert resolve_rank_world(0, 4) == (0, 4)
-    loader = ShardLoader(shard_dir, train=False, batch_size=4)
+    loader = ShardLoader(shard_dir, LoaderOptions(train=False, batch_size=4))
     monkeypatch.setenv("RANK", "0")  # later changes (e.g. in workers) do not matter
     assert (loader.rank, loader.world_size) == (1, 2) and loader.plan().rank == 1
     monkeypatch.setenv("RANK", "5")
@@ -325,19 +320,19 @@ def test_coco_folder_loader_ddp_semantics(synth_set, synth_json):
     assert len(ds) == 26 and ds[0].image_id == synth_json["images"][0]["id"]
     seen, counts = [], []
     for rank in range(3):
-        loader = CocoFolderLoader(ds, train=False, batch_size=4, num_workers=0, rank=rank, world_size=3)
+        loader = CocoFolderLoader(ds, LoaderOptions(train=False, batch_size=4, num_workers=0, rank=rank, world_size=3))
         batches = list(loader)
         counts.append(len(batches))
         seen += [i for b in batches for i in b.image_ids if i >= 0]
     assert len(set(counts)) == 1 and sorted(seen) == sorted(im["id"] for im in synth_json["images"])
     lens = set()
     for rank in range(3):
-        loader = CocoFolderLoader(ds, train=True, batch_size=4, num_workers=2, rank=rank, world_size=3, seed=2)
+        loader = CocoFolderLoader(ds, LoaderOptions(train=True, batch_size=4, num_workers=2, rank=rank, world_size=3, seed=2))
         batches = list(loader)
         lens.add((len(batches), len(loader)))
         assert all(len(b) == 4 for b in batches)
     assert lens == {(3, 3)}
-    resumed = CocoFolderLoader(ds, train=True, batch_size=4, rank=0, world_size=3, seed=2)
+    resumed = CocoFolderLoader(ds, LoaderOptions(train=True, batch_size=4, rank=0, world_size=3, seed=2))
     full = [b.image_ids for b in resumed]
     resumed.load_state_dict({**resumed.state_dict(), "epoch": 0, "batches_consumed": 1})
     assert [b.image_ids for b in resumed] == full[1:]

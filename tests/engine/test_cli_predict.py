@@ -21,12 +21,10 @@ from .conftest import FakeDetector, make_recipe, quiet_console, recipe_dict
 def app(monkeypatch):
     from codetr.cli import train_cmd
     from codetr.assembly import load_recipe
-    import codetr.engine.predict as predict_mod
-    import codetr.engine.trainer as trainer_mod
+    import codetr.engine.factories as factories_mod
 
-    # the fake detector stands in for codetr.assembly.build_detector
-    monkeypatch.setattr(trainer_mod, "_default_model_factory", lambda cfg: FakeDetector(cfg.num_classes))
-    monkeypatch.setattr(predict_mod, "_default_model_factory", lambda cfg: FakeDetector(cfg.num_classes))
+    # the fake detector stands in for codetr.assembly.build_detector (the one default, used by train/eval/predict)
+    monkeypatch.setattr(factories_mod, "default_model_factory", lambda cfg: FakeDetector(cfg.num_classes))
     # num_classes is given in the test recipes; do not depend on dataset category discovery here
     monkeypatch.setattr(train_cmd, "load", lambda r, s=None, read_data=True: load_recipe(r, s or [], read_data=False))
     a = typer.Typer()

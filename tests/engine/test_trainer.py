@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from codetr.engine.checkpoint import load_checkpoint
-from codetr.engine.trainer import Trainer, TrainingError
+from codetr.engine.errors import TrainingError
+from codetr.engine.trainer import Trainer
 
 from .conftest import FakeDetector, console_text, fake_factory, make_recipe, quiet_console
 

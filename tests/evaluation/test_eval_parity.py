@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from codetr.evaluation import CocoMetrics, evaluate_coco_results, summarize_coco_arrays
-from codetr.evaluation.coco import _run_backend, load_coco_annotations
+from codetr.evaluation import load_coco_annotations
+from codetr.evaluation.coco import _run_backend
 from tests.evaluation._fixtures import perfect_results
 
 TOL = 1e-12

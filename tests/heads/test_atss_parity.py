@@ -20,7 +20,7 @@ import torch
 from codetr.core.interfaces import FeaturePyramid
 from codetr.core.structures import Batch, Target, normalize_boxes
 from codetr.heads.adapter import MultiScaleAdapter, official_adapter_key_map
-from codetr.heads.atss import ATSSHead, official_atss_state_dict
+from codetr.heads.atss import ATSSHead, ATSSHeadConfig, official_atss_state_dict
 from tests._reference import load_int8exact_state_dict, load_safetensors_state_dict, reference_dir
 
 pytestmark = pytest.mark.parity
@@ -54,7 +54,7 @@ def codef():
     inp = torch.load(d / "inputs.pt")
     gtb = inp["gt_bboxes"][0] if isinstance(inp["gt_bboxes"], (list, tuple)) else inp["gt_bboxes"]
     gtl = inp["gt_labels"][0] if isinstance(inp["gt_labels"], (list, tuple)) else inp["gt_labels"]
-    head = ATSSHead(num_classes=80, in_channels=256, loss_scale=2 * 2.0)  # num_dec_layer 2 x lambda_2 2.0
+    head = ATSSHead(ATSSHeadConfig(num_classes=80, hidden_dim=256), loss_scale=2 * 2.0)  # num_dec_layer 2 x lambda_2 2.0
     head.load_state_dict(official_atss_state_dict(sd), strict=True)
     head.eval()
     return dict(sd=sd, head=head, feats=torch.load(d / "features.pt"), atss=torch.load(d / "atss.pt"),
@@ -148,7 +148,7 @@ def codino():
     sd = load_int8exact_state_dict(d / "state_dict_int8exact.pt")
     inp = torch.load(d / "inputs.pt")
     enc = torch.load(d / "encoder_pyramid.pt")
-    head = ATSSHead(num_classes=80, in_channels=256, strides=[4, 8, 16, 32, 64, 128], loss_scale=4.0)
+    head = ATSSHead(ATSSHeadConfig(num_classes=80, hidden_dim=256, strides=[4, 8, 16, 32, 64, 128]), loss_scale=4.0)
     head.load_state_dict(official_atss_state_dict(sd), strict=True)
     head.eval()
     return dict(sd=sd, head=head, maps=[enc[f"aux_pyramid_{i}"] for i in range(6)],

@@ -29,6 +29,8 @@ import torch
 from codetr.convert.mmdet3 import convert_mmdet3_co_dino
 from codetr.assembly import build_detector
 from codetr.assembly import load_recipe_dict
+from codetr.core.interfaces import (EXTRAS_ENC_BOXES, EXTRAS_ENC_BOXES_UNACT_ALL, EXTRAS_ENC_LOGITS,
+                                    EXTRAS_ENC_LOGITS_ALL, EXTRAS_ENC_PROPOSALS_UNACT, EXTRAS_TOPK_INDICES)
 from codetr.core.structures import Batch, Target
 from codetr.variants.postprocess import postprocess
 from tests._reference import backbone_atol, load_int8exact_state_dict, reference_dir
@@ -201,12 +203,12 @@ def test_eval_forward_features_proposals_and_decoder(setup):
         close(f"pyramid[{i}]", x, pyr[f"aux_pyramid_{i}"])
     ex = memory.extras
     assert memory.inputs.spatial_shapes == [tuple(s) for s in props["spatial_shapes"].tolist()]
-    close("enc_proposals_unact", ex["enc_proposals_unact"], props["output_proposals_unact"])
-    close("enc_logits_max", ex["enc_logits_all"].max(-1)[0], props["enc_outputs_class_max"])
-    close("enc_boxes_unact_all", ex["enc_boxes_unact_all"], props["enc_outputs_coord_unact"])
-    assert torch.equal(ex["topk_indices"], props["topk_indices"])
-    close("topk_score_logits", ex["enc_logits"], props["topk_score_logits"])
-    close("topk_anchor_sigmoid [px]", ex["enc_boxes"] * PX, props["topk_anchor_sigmoid"] * PX, 1e-3)
+    close("enc_proposals_unact", ex[EXTRAS_ENC_PROPOSALS_UNACT], props["output_proposals_unact"])
+    close("enc_logits_max", ex[EXTRAS_ENC_LOGITS_ALL].max(-1)[0], props["enc_outputs_class_max"])
+    close("enc_boxes_unact_all", ex[EXTRAS_ENC_BOXES_UNACT_ALL], props["enc_outputs_coord_unact"])
+    assert torch.equal(ex[EXTRAS_TOPK_INDICES], props["topk_indices"])
+    close("topk_score_logits", ex[EXTRAS_ENC_LOGITS], props["topk_score_logits"])
+    close("topk_anchor_sigmoid [px]", ex[EXTRAS_ENC_BOXES] * PX, props["topk_anchor_sigmoid"] * PX, 1e-3)
     close("init_reference [px]", group.reference * PX, dec["decoder_init_reference_sigmoid"] * PX, 1e-3)
     close("content_query_in", group.content, dec["decoder_content_query_in"])
     for layer in range(2):

@@ -119,7 +119,7 @@ def test_errors():
         neck([torch.randn(1, 8, 4, 4)])
     with pytest.raises(ValueError, match=r"expected \(B, 16, H, W\)"):
         neck([torch.randn(1, 8, 4, 4), torch.randn(1, 8, 2, 2)])
-    with pytest.raises(ValueError, match="hidden_dim is not set"):
+    with pytest.raises(ValueError, match="hidden_dim not set"):
         build_channel_mapper(ChannelMapperConfig(), [8])
     with pytest.raises(ValueError, match="divisible"):
         ChannelMapper([8], None, 20, norm_groups=8)

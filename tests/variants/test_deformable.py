@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from codetr.convert.official import (convert_mmdet3_deformable, convert_sense_x_co_deformable,
                                      deformable_key_mmdet3, deformable_key_sense_x)
-from codetr.core.interfaces import DecoderOutputs, QueryGroup
+from codetr.core.interfaces import EXTRAS_ENC_LOGITS_ALL, EXTRAS_TOPK_INDICES, DecoderOutputs, QueryGroup
 from codetr.core.registry import ComponentConfig
 from codetr.variants.deformable import COMPONENT, PRESETS, DeformableDETR, DeformableDETRConfig, build
 from codetr.variants.postprocess import postprocess
@@ -142,7 +142,8 @@ def test_padded_batch_equals_single_images(kw):
             valid = ~mem2.inputs.padding_mask[i]
             assert torch.allclose(mem2.memory[i][valid], mem1.memory[0], atol=1e-5, rtol=0)
             if m.two_stage:
-                assert torch.allclose(mem2.extras["enc_logits"][i][valid], mem1.extras["enc_logits"][0], atol=1e-5)
+                got, want = mem2.extras[EXTRAS_ENC_LOGITS_ALL][i][valid], mem1.extras[EXTRAS_ENC_LOGITS_ALL][0]
+                assert torch.allclose(got, want, atol=1e-5)
                 assert torch.allclose(g2.reference[i], g1.reference[0], atol=1e-6)
 
 
@@ -167,13 +168,14 @@ def test_two_stage_topk_never_selects_padding():
     with torch.no_grad():
         mem, group, _ = _run(m, lv, masks)
         mem_o, group_o, _ = _run(official, lv, masks)
-    topk = mem.extras["topk_indices"][0]
+    topk = mem.extras[EXTRAS_TOPK_INDICES][0]
     assert not mem.inputs.padding_mask[0, topk].any()
     assert torch.isfinite(group.reference).all()
     # the official ranking picks padded tokens here (their proposals are +inf -> reference 1.0)
-    assert mem_o.inputs.padding_mask[0, mem_o.extras["topk_indices"][0]].any()
+    assert mem_o.inputs.padding_mask[0, mem_o.extras[EXTRAS_TOPK_INDICES][0]].any()
     assert (group_o.reference == 1).any()
-    assert torch.equal(mem_o.extras["enc_logits"], mem.extras["enc_logits"])  # only the ranking changes
+    # only the ranking changes
+    assert torch.equal(mem_o.extras[EXTRAS_ENC_LOGITS_ALL], mem.extras[EXTRAS_ENC_LOGITS_ALL])
 
 
 def test_padded_batch_invariance_needs_invalid_masking():

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 
 from codetr.backbones.resnet import ResNet
 from codetr.convert.official import convert_mmdet3_deformable, convert_sense_x_co_deformable
+from codetr.core.interfaces import (EXTRAS_ENC_BOXES, EXTRAS_ENC_BOXES_UNACT_ALL, EXTRAS_ENC_LOGITS_ALL,
+                                    EXTRAS_ENC_PROPOSALS_UNACT, EXTRAS_TOPK_INDICES)
 from codetr.necks.channel_mapper import ChannelMapper
 from codetr.variants.deformable import DeformableDETR, DeformableDETRConfig, build
 from codetr.variants.postprocess import postprocess
@@ -141,11 +143,11 @@ def test_co_deformable_encoder_and_proposals(co_def):
     assert run.memory.inputs.spatial_shapes == [tuple(s) for s in qh["spatial_shapes"].tolist()]
     assert torch.equal(run.memory.inputs.level_start, qh["level_start_index"])
     ex = run.memory.extras
-    _close("enc_logits", ex["enc_logits"], qh["enc_outputs_class"], FEAT_ATOL, r)
-    _close("enc_proposals_unact", ex["enc_proposals_unact"], qh["output_proposals"], FEAT_ATOL, r)
-    _close("enc_boxes_unact", ex["enc_boxes_unact"], qh["enc_outputs_coord_unact"], FEAT_ATOL, r)
-    _boxes_px("enc_boxes", ex["enc_boxes"], qh["enc_outputs_coord"], r)
-    assert torch.equal(ex["topk_indices"], qh["topk_indices"])
+    _close("enc_logits", ex[EXTRAS_ENC_LOGITS_ALL], qh["enc_outputs_class"], FEAT_ATOL, r)
+    _close("enc_proposals_unact", ex[EXTRAS_ENC_PROPOSALS_UNACT], qh["output_proposals"], FEAT_ATOL, r)
+    _close("enc_boxes_unact", ex[EXTRAS_ENC_BOXES_UNACT_ALL], qh["enc_outputs_coord_unact"], FEAT_ATOL, r)
+    _boxes_px("enc_boxes", ex[EXTRAS_ENC_BOXES], qh["enc_outputs_coord"], r)
+    assert torch.equal(ex[EXTRAS_TOPK_INDICES], qh["topk_indices"])
     _boxes_px("init_reference", run.group.reference, qh["init_reference"], r)
     # mixed selection: the content queries are the learned embedding itself
     assert torch.equal(run.group.content[0], co_def[0].variant.query_embedding.weight)
@@ -222,10 +224,10 @@ def test_mmdet3_encoder_and_proposals(mmdet3):
     _close("memory", run.memory.memory, enc["encoder_memory"], FEAT_ATOL, r)
     assert run.memory.inputs.spatial_shapes == [tuple(s) for s in enc["spatial_shapes"].tolist()]
     ex = run.memory.extras
-    _close("enc_logits", ex["enc_logits"], enc["enc_outputs_class"], FEAT_ATOL, r)
-    _close("enc_proposals_unact", ex["enc_proposals_unact"], enc["output_proposals_unact"], FEAT_ATOL, r)
-    _close("enc_boxes_unact", ex["enc_boxes_unact"], enc["enc_outputs_coord_unact"], FEAT_ATOL, r)
-    assert torch.equal(ex["topk_indices"], enc["topk_indices"])
+    _close("enc_logits", ex[EXTRAS_ENC_LOGITS_ALL], enc["enc_outputs_class"], FEAT_ATOL, r)
+    _close("enc_proposals_unact", ex[EXTRAS_ENC_PROPOSALS_UNACT], enc["output_proposals_unact"], FEAT_ATOL, r)
+    _close("enc_boxes_unact", ex[EXTRAS_ENC_BOXES_UNACT_ALL], enc["enc_outputs_coord_unact"], FEAT_ATOL, r)
+    assert torch.equal(ex[EXTRAS_TOPK_INDICES], enc["topk_indices"])
     _boxes_px("init_reference", run.group.reference, dec["decoder_init_reference_sigmoid"], r)
     _close("query_in", run.group.content, dec["decoder_query_in"], FEAT_ATOL, r)
     _close("query_pos_in", run.group.pos, dec["decoder_query_pos_in"], FEAT_ATOL, r)

@@ -25,6 +25,8 @@ from codetr.assigners.hungarian import HungarianAssignerConfig
 from codetr.backbones.resnet import ResNet
 from codetr.convert.mmdet3 import convert_mmdet3_dino
 from codetr.core.detector import Detector
+from codetr.core.interfaces import (EXTRAS_ENC_BOXES, EXTRAS_ENC_BOXES_UNACT_ALL, EXTRAS_ENC_LOGITS,
+                                    EXTRAS_ENC_LOGITS_ALL, EXTRAS_ENC_PROPOSALS_UNACT, EXTRAS_TOPK_INDICES)
 from codetr.core.structures import Batch, Target
 from codetr.heads.criterion import SetCriterion, SetCriterionConfig
 from codetr.necks.channel_mapper import ChannelMapper
@@ -138,13 +140,13 @@ def test_encoder_memory_and_topk_proposals(dino):
     r: dict[str, float] = {}
     assert run.memory.inputs.spatial_shapes == [tuple(s) for s in enc["spatial_shapes"].tolist()]
     _close("memory", run.memory.memory, enc["encoder_memory"], FEAT_ATOL, r)
-    _close("enc_logits_all", ex["enc_logits_all"], enc["enc_outputs_class"], FEAT_ATOL, r)
-    _close("enc_proposals_unact", ex["enc_proposals_unact"], enc["output_proposals_unact"], FEAT_ATOL, r)
-    _close("enc_boxes_unact_all", ex["enc_boxes_unact_all"], enc["enc_outputs_coord_unact"], FEAT_ATOL, r)
-    assert torch.equal(ex["topk_indices"], enc["topk_indices"])
+    _close("enc_logits_all", ex[EXTRAS_ENC_LOGITS_ALL], enc["enc_outputs_class"], FEAT_ATOL, r)
+    _close("enc_proposals_unact", ex[EXTRAS_ENC_PROPOSALS_UNACT], enc["output_proposals_unact"], FEAT_ATOL, r)
+    _close("enc_boxes_unact_all", ex[EXTRAS_ENC_BOXES_UNACT_ALL], enc["enc_outputs_coord_unact"], FEAT_ATOL, r)
+    assert torch.equal(ex[EXTRAS_TOPK_INDICES], enc["topk_indices"])
     topk = enc["topk_indices"][0]
-    _close("enc_logits (top-k)", ex["enc_logits"][0], enc["enc_outputs_class"][0, topk], FEAT_ATOL, r)
-    _boxes_px("enc_boxes (top-k)", ex["enc_boxes"][0], enc["enc_outputs_coord_unact"][0, topk].sigmoid(), r)
+    _close("enc_logits (top-k)", ex[EXTRAS_ENC_LOGITS][0], enc["enc_outputs_class"][0, topk], FEAT_ATOL, r)
+    _boxes_px("enc_boxes (top-k)", ex[EXTRAS_ENC_BOXES][0], enc["enc_outputs_coord_unact"][0, topk].sigmoid(), r)
     _boxes_px("init_reference", run.group.reference, dec["decoder_init_reference_sigmoid"], r)
     _close("query_in", run.group.content, dec["decoder_query_in"], FEAT_ATOL, r)
     print("dino encoder parity (max abs diff):", r)

@@ -39,6 +39,8 @@ transformers = pytest.importorskip(
 from codetr.convert.hf import convert_hf_deformable_detr, hf_key, hf_recipe_model  # noqa: E402
 from codetr.assembly import build_detector  # noqa: E402
 from codetr.assembly import load_recipe_dict  # noqa: E402
+from codetr.core.interfaces import (EXTRAS_ENC_BOXES_UNACT_ALL, EXTRAS_ENC_LOGITS_ALL,  # noqa: E402
+                                    EXTRAS_ENC_PROPOSALS_UNACT, EXTRAS_ENC_VALID, EXTRAS_TOPK_INDICES)
 from codetr.core.structures import Batch  # noqa: E402
 
 pytestmark = pytest.mark.parity
@@ -196,14 +198,14 @@ def test_two_stage_proposals(run):
     if run["case"] != "refine_two_stage":
         pytest.skip("one-stage configuration")
     ex, hf_out, r = run["memory"].extras, run["out_hf"], {}
-    _close("enc_proposals_unact", ex["enc_proposals_unact"], run["cap"]["proposals"], r)
-    _close("enc_logits", ex["enc_logits"], hf_out.enc_outputs_class, r)
-    _close("enc_boxes_unact", ex["enc_boxes_unact"], hf_out.enc_outputs_coord_logits, r)
-    assert (~ex["enc_valid"][1]).sum() > (~ex["enc_valid"][0]).sum()  # padding makes invalid proposals
+    _close("enc_proposals_unact", ex[EXTRAS_ENC_PROPOSALS_UNACT], run["cap"]["proposals"], r)
+    _close("enc_logits", ex[EXTRAS_ENC_LOGITS_ALL], hf_out.enc_outputs_class, r)
+    _close("enc_boxes_unact", ex[EXTRAS_ENC_BOXES_UNACT_ALL], hf_out.enc_outputs_coord_logits, r)
+    assert (~ex[EXTRAS_ENC_VALID][1]).sum() > (~ex[EXTRAS_ENC_VALID][0]).sum()  # padding makes invalid proposals
     # HF's selection: top-k of the raw class-0 logit (invalid proposals are not excluded)
     k = run["cfg"].two_stage_num_proposals
     hf_topk = torch.topk(hf_out.enc_outputs_class[..., 0], k, dim=1)[1]
-    assert torch.equal(ex["topk_indices"][0], hf_topk[0])
+    assert torch.equal(ex[EXTRAS_TOPK_INDICES][0], hf_topk[0])
     _close("init_reference", run["group"].reference, hf_out.init_reference_points, r)
     print("two-stage parity (max abs diff):", r)
 

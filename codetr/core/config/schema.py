@@ -51,7 +51,10 @@ class CoDETRConfig(StrictModel):
     lambda_1: float = Field(1.0, ge=0, description="weight of the customized-positive-query losses")
     lambda_2: float = Field(2.0, ge=0, description="aux-head losses are multiplied by lambda_2 * num_decoder_layers")
     with_pos_queries: bool = Field(True, description="decode customized positive queries (paper eq. 4-6)")
-    eval_module: Literal["detr", "one-stage", "two-stage"] = "detr"
+    eval_module: str | int = Field(
+        "detr", description="what codetr eval / predict runs: detr (default), or one aux head on its own: its "
+                            "index k or 'aux{k}', its type (e.g. atss, faster_rcnn, a plugin's) or the official "
+                            "one-stage (first ATSS head) / two-stage (first R-CNN head)")
 
 
 class SoftNMSConfig(StrictModel):

@@ -25,6 +25,10 @@ class SimOTAConfig(ComponentConfig):
 
 
 class SimOTAAssigner(OneToManyAssigner):
+    """Dynamic-k assignment (see README.md). Prediction-aware: heads pass their detached scores and boxes."""
+
+    uses_predictions = True
+
     def __init__(self, cfg: SimOTAConfig):
         self.cfg = cfg
 

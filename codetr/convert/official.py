@@ -186,13 +186,13 @@ def backbone_key_map(backbone: str) -> BackboneKeyMap:
     * ``resnet``: mmdet / torchvision names (identical);
     * ``swin``: official Co-DETR ``SwinTransformerV1`` names (``layers.*``, kept) or mmdet ``SwinTransformer``
       names (``stages.*``, ``attn.w_msa``, ``ffn.layers``, ``patch_embed.projection``; patch-merging weights are
-      permuted from ``nn.Unfold`` order), as :func:`codetr.backbones.swin.official_swin_key_map`;
+      permuted from ``nn.Unfold`` order), as :func:`codetr.backbones.swin_weights.official_swin_key_map`;
     * anything else (a plugin backbone): names kept as they are.
     """
     if backbone == "resnet":
         return lambda key, value: (_backbone_key("backbone." + key), value)
     if backbone == "swin":
-        from codetr.backbones.swin import swin_key_from_official
+        from codetr.backbones.swin_weights import swin_key_from_official
 
         return swin_key_from_official
     return lambda key, value: (key, value)

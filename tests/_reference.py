@@ -72,3 +72,15 @@ def backbone_atol(want: torch.Tensor) -> float:
     outputs and everything downstream are O(1..10) and keep the plain absolute ``FEATURE_ATOL``.
     """
     return max(FEATURE_ATOL, BACKBONE_REL_TO_MAX * want.abs().max().item())
+
+
+def close_report(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, report: dict[str, float]) -> None:
+    """Assert ``max |got - want| <= atol`` (recorded in ``report[name]``); +inf positions (invalid two-stage
+    proposals) must coincide and are left out of the difference."""
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    got, want = got.float(), want.float()
+    inf_g, inf_w = torch.isinf(got), torch.isinf(want)
+    assert torch.equal(inf_g, inf_w), f"{name}: +inf (invalid proposal) positions differ"
+    diff = (got[~inf_g] - want[~inf_w]).abs().max().item() if (~inf_g).any() else 0.0
+    report[name] = diff
+    assert diff <= atol, f"{name}: max abs diff {diff:.3g} > {atol:.1g}"

@@ -38,3 +38,14 @@ def simota_installed():
     registry.refresh()
     yield
     registry.refresh()
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test with one intra-op thread (the reference fixtures were made so; README §6 of each)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

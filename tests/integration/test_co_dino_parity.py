@@ -93,11 +93,8 @@ def _build(variant: dict):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here with one intra-op thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from codetr.core.interfaces import (EXTRAS_ENC_BOXES, EXTRAS_ENC_BOXES_UNACT_ALL
 from codetr.necks.channel_mapper import ChannelMapper
 from codetr.variants.deformable import DeformableDETR, DeformableDETRConfig, build
 from codetr.variants.postprocess import postprocess
-from tests._reference import load_int8exact_state_dict, load_safetensors_state_dict, reference_dir
+from tests._reference import close_report, load_int8exact_state_dict, load_safetensors_state_dict, reference_dir
 
 pytestmark = pytest.mark.parity
 
@@ -81,23 +81,13 @@ def _run(model: _Model, image: Tensor) -> Run:
     return Run(levels, memory, group, out)
 
 
-def _close(name: str, got: Tensor, want: Tensor, atol: float, report: dict[str, float]) -> None:
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    diff = (got.float() - want.float()).abs().max().item() if got.numel() else 0.0
-    report[name] = diff
-    assert diff <= atol, f"{name}: max abs diff {diff:.3g} > {atol:.1g}"
-
-
 def _boxes_px(name: str, got: Tensor, want: Tensor, report: dict[str, float]) -> None:
-    _close(name + " [px]", got * PX, want * PX, BOX_ATOL_PX, report)
+    close_report(name + " [px]", got * PX, want * PX, BOX_ATOL_PX, report)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here with one intra-op thread (tests/conftest.py)."""
 
 
 # --------------------------------------------------------------------------- official Co-Deformable-DETR
@@ -137,15 +127,15 @@ def test_co_deformable_encoder_and_proposals(co_def):
     feats, qh = data["features"], data["query_head"]
     r: dict[str, float] = {}
     for i, (got, want) in enumerate(zip(run.levels, feats["neck"])):
-        _close(f"neck[{i}]", got, want, FEAT_ATOL, r)
+        close_report(f"neck[{i}]", got, want, FEAT_ATOL, r)
     for i, (got, want) in enumerate(zip(run.memory.levels(), feats["aux_pyramid"][:4])):
-        _close(f"memory[{i}]", got, want, FEAT_ATOL, r)
+        close_report(f"memory[{i}]", got, want, FEAT_ATOL, r)
     assert run.memory.inputs.spatial_shapes == [tuple(s) for s in qh["spatial_shapes"].tolist()]
     assert torch.equal(run.memory.inputs.level_start, qh["level_start_index"])
     ex = run.memory.extras
-    _close("enc_logits", ex[EXTRAS_ENC_LOGITS_ALL], qh["enc_outputs_class"], FEAT_ATOL, r)
-    _close("enc_proposals_unact", ex[EXTRAS_ENC_PROPOSALS_UNACT], qh["output_proposals"], FEAT_ATOL, r)
-    _close("enc_boxes_unact", ex[EXTRAS_ENC_BOXES_UNACT_ALL], qh["enc_outputs_coord_unact"], FEAT_ATOL, r)
+    close_report("enc_logits", ex[EXTRAS_ENC_LOGITS_ALL], qh["enc_outputs_class"], FEAT_ATOL, r)
+    close_report("enc_proposals_unact", ex[EXTRAS_ENC_PROPOSALS_UNACT], qh["output_proposals"], FEAT_ATOL, r)
+    close_report("enc_boxes_unact", ex[EXTRAS_ENC_BOXES_UNACT_ALL], qh["enc_outputs_coord_unact"], FEAT_ATOL, r)
     _boxes_px("enc_boxes", ex[EXTRAS_ENC_BOXES], qh["enc_outputs_coord"], r)
     assert torch.equal(ex[EXTRAS_TOPK_INDICES], qh["topk_indices"])
     _boxes_px("init_reference", run.group.reference, qh["init_reference"], r)
@@ -160,9 +150,9 @@ def test_co_deformable_decoder_layers(co_def):
     out = run.out
     r: dict[str, float] = {}
     for layer in range(2):
-        _close(f"logits[{layer}]", out.logits[layer], qh["all_cls_scores"][layer], FEAT_ATOL, r)
+        close_report(f"logits[{layer}]", out.logits[layer], qh["all_cls_scores"][layer], FEAT_ATOL, r)
         _boxes_px(f"boxes[{layer}]", out.boxes[layer], qh["all_bbox_preds"][layer], r)
-        _close(f"hidden[{layer}]", out.hidden[layer], qh["decoder_hidden_states"][layer], FEAT_ATOL, r)
+        close_report(f"hidden[{layer}]", out.hidden[layer], qh["decoder_hidden_states"][layer], FEAT_ATOL, r)
     # the reference layer l refined from: init reference, then the refined box of layer l-1
     _boxes_px("references[0]", out.references[0], qh["init_reference"], r)
     _boxes_px("references[1]", out.references[1], qh["inter_references"][0], r)
@@ -178,11 +168,11 @@ def test_co_deformable_predictions(co_def):
     r: dict[str, float] = {}
     det_input = postprocess(run.out, img_hw, img_hw, topk=100)[0]
     assert torch.equal(det_input.labels, pred["labels"])
-    _close("scores", det_input.scores, pred["scores"], SCORE_ATOL, r)
-    _close("bboxes [px]", det_input.boxes, pred["bboxes"], BOX_ATOL_PX, r)
+    close_report("scores", det_input.scores, pred["scores"], SCORE_ATOL, r)
+    close_report("bboxes [px]", det_input.boxes, pred["bboxes"], BOX_ATOL_PX, r)
     det = postprocess(run.out, img_hw, orig_hw, topk=100)[0]
     assert torch.equal(det.labels, pred["labels"])
-    _close("bboxes_rescaled_to_original [px]", det.boxes, pred["bboxes_rescaled_to_original"], BOX_ATOL_PX, r)
+    close_report("bboxes_rescaled_to_original [px]", det.boxes, pred["bboxes_rescaled_to_original"], BOX_ATOL_PX, r)
     print("co-deformable prediction parity (max abs diff):", r)
 
 
@@ -220,17 +210,17 @@ def test_mmdet3_encoder_and_proposals(mmdet3):
     bn, enc, dec = data["backbone_neck"], data["encoder"], data["decoder_outputs"]
     r: dict[str, float] = {}
     for i, got in enumerate(run.levels):
-        _close(f"neck[{i}]", got, bn[f"neck_out_{i}"], FEAT_ATOL, r)
-    _close("memory", run.memory.memory, enc["encoder_memory"], FEAT_ATOL, r)
+        close_report(f"neck[{i}]", got, bn[f"neck_out_{i}"], FEAT_ATOL, r)
+    close_report("memory", run.memory.memory, enc["encoder_memory"], FEAT_ATOL, r)
     assert run.memory.inputs.spatial_shapes == [tuple(s) for s in enc["spatial_shapes"].tolist()]
     ex = run.memory.extras
-    _close("enc_logits", ex[EXTRAS_ENC_LOGITS_ALL], enc["enc_outputs_class"], FEAT_ATOL, r)
-    _close("enc_proposals_unact", ex[EXTRAS_ENC_PROPOSALS_UNACT], enc["output_proposals_unact"], FEAT_ATOL, r)
-    _close("enc_boxes_unact", ex[EXTRAS_ENC_BOXES_UNACT_ALL], enc["enc_outputs_coord_unact"], FEAT_ATOL, r)
+    close_report("enc_logits", ex[EXTRAS_ENC_LOGITS_ALL], enc["enc_outputs_class"], FEAT_ATOL, r)
+    close_report("enc_proposals_unact", ex[EXTRAS_ENC_PROPOSALS_UNACT], enc["output_proposals_unact"], FEAT_ATOL, r)
+    close_report("enc_boxes_unact", ex[EXTRAS_ENC_BOXES_UNACT_ALL], enc["enc_outputs_coord_unact"], FEAT_ATOL, r)
     assert torch.equal(ex[EXTRAS_TOPK_INDICES], enc["topk_indices"])
     _boxes_px("init_reference", run.group.reference, dec["decoder_init_reference_sigmoid"], r)
-    _close("query_in", run.group.content, dec["decoder_query_in"], FEAT_ATOL, r)
-    _close("query_pos_in", run.group.pos, dec["decoder_query_pos_in"], FEAT_ATOL, r)
+    close_report("query_in", run.group.content, dec["decoder_query_in"], FEAT_ATOL, r)
+    close_report("query_pos_in", run.group.pos, dec["decoder_query_pos_in"], FEAT_ATOL, r)
     print("mmdet3 encoder parity (max abs diff):", r)
 
 
@@ -240,9 +230,9 @@ def test_mmdet3_decoder_layers(mmdet3):
     out = run.out
     r: dict[str, float] = {}
     for layer in range(2):
-        _close(f"logits[{layer}]", out.logits[layer], dec["all_cls_scores"][layer], FEAT_ATOL, r)
+        close_report(f"logits[{layer}]", out.logits[layer], dec["all_cls_scores"][layer], FEAT_ATOL, r)
         _boxes_px(f"boxes[{layer}]", out.boxes[layer], dec["all_bbox_preds"][layer], r)
-        _close(f"hidden[{layer}]", out.hidden[layer], dec["decoder_hidden_states"][layer], FEAT_ATOL, r)
+        close_report(f"hidden[{layer}]", out.hidden[layer], dec["decoder_hidden_states"][layer], FEAT_ATOL, r)
         _boxes_px(f"references[{layer}]", out.references[layer], dec["decoder_references"][layer], r)
     print("mmdet3 decoder parity (max abs diff):", r)
 
@@ -254,8 +244,8 @@ def test_mmdet3_predictions(mmdet3):
     det = postprocess(run.out, hw, hw, topk=100)[0]
     r: dict[str, float] = {}
     assert torch.equal(det.labels, pred["labels"])
-    _close("scores", det.scores, pred["scores"], SCORE_ATOL, r)
-    _close("bboxes_xyxy [px]", det.boxes, pred["bboxes_xyxy"], BOX_ATOL_PX, r)
+    close_report("scores", det.scores, pred["scores"], SCORE_ATOL, r)
+    close_report("bboxes_xyxy [px]", det.boxes, pred["bboxes_xyxy"], BOX_ATOL_PX, r)
     print("mmdet3 prediction parity (max abs diff):", r)
 
 
@@ -290,7 +280,7 @@ def test_co_deformable_extra_query_group(co_def):
         out = model.variant.decode(group, run.memory)
     r: dict[str, float] = {}
     for layer in range(2):
-        _close(f"aux logits[{layer}]", out.logits[layer], aux["all_cls_scores"][layer], FEAT_ATOL, r)
+        close_report(f"aux logits[{layer}]", out.logits[layer], aux["all_cls_scores"][layer], FEAT_ATOL, r)
         _boxes_px(f"aux boxes[{layer}]", out.boxes[layer], aux["all_bbox_preds"][layer], r)
     print("co-deformable aux-group decode parity (max abs diff):", r)
 

@@ -32,7 +32,7 @@ from codetr.heads.criterion import SetCriterion, SetCriterionConfig
 from codetr.necks.channel_mapper import ChannelMapper
 from codetr.variants.dino import DINO, DINOConfig, build
 from codetr.variants.postprocess import postprocess
-from tests._reference import backbone_atol, load_int8exact_state_dict, reference_dir
+from tests._reference import backbone_atol, close_report, load_int8exact_state_dict, reference_dir
 
 pytestmark = pytest.mark.parity
 
@@ -64,26 +64,13 @@ class Run:
     out: object
 
 
-def _close(name: str, got: Tensor, want: Tensor, atol: float, report: dict[str, float]) -> None:
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    got, want = got.float(), want.float()
-    inf_g, inf_w = torch.isinf(got), torch.isinf(want)
-    assert torch.equal(inf_g, inf_w), f"{name}: +inf (invalid proposal) positions differ"
-    diff = (got[~inf_g] - want[~inf_w]).abs().max().item() if (~inf_g).any() else 0.0
-    report[name] = diff
-    assert diff <= atol, f"{name}: max abs diff {diff:.3g} > {atol:.1g}"
-
-
 def _boxes_px(name: str, got: Tensor, want: Tensor, report: dict[str, float]) -> None:
-    _close(name + " [px]", got * PX, want * PX, BOX_ATOL_PX, report)
+    close_report(name + " [px]", got * PX, want * PX, BOX_ATOL_PX, report)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here with one intra-op thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +114,9 @@ def test_backbone_neck_features(dino):
     bn = data["backbone_neck"]
     r: dict[str, float] = {}
     for i, got in enumerate(run.feats):
-        _close(f"backbone[{i}]", got, bn[f"backbone_out_{i}"], backbone_atol(bn[f"backbone_out_{i}"]), r)
+        close_report(f"backbone[{i}]", got, bn[f"backbone_out_{i}"], backbone_atol(bn[f"backbone_out_{i}"]), r)
     for i, got in enumerate(run.levels):
-        _close(f"neck[{i}]", got, bn[f"neck_out_{i}"], FEAT_ATOL, r)
+        close_report(f"neck[{i}]", got, bn[f"neck_out_{i}"], FEAT_ATOL, r)
     print("dino backbone/neck parity (max abs diff):", r)
 
 
@@ -139,16 +126,16 @@ def test_encoder_memory_and_topk_proposals(dino):
     ex = run.memory.extras
     r: dict[str, float] = {}
     assert run.memory.inputs.spatial_shapes == [tuple(s) for s in enc["spatial_shapes"].tolist()]
-    _close("memory", run.memory.memory, enc["encoder_memory"], FEAT_ATOL, r)
-    _close("enc_logits_all", ex[EXTRAS_ENC_LOGITS_ALL], enc["enc_outputs_class"], FEAT_ATOL, r)
-    _close("enc_proposals_unact", ex[EXTRAS_ENC_PROPOSALS_UNACT], enc["output_proposals_unact"], FEAT_ATOL, r)
-    _close("enc_boxes_unact_all", ex[EXTRAS_ENC_BOXES_UNACT_ALL], enc["enc_outputs_coord_unact"], FEAT_ATOL, r)
+    close_report("memory", run.memory.memory, enc["encoder_memory"], FEAT_ATOL, r)
+    close_report("enc_logits_all", ex[EXTRAS_ENC_LOGITS_ALL], enc["enc_outputs_class"], FEAT_ATOL, r)
+    close_report("enc_proposals_unact", ex[EXTRAS_ENC_PROPOSALS_UNACT], enc["output_proposals_unact"], FEAT_ATOL, r)
+    close_report("enc_boxes_unact_all", ex[EXTRAS_ENC_BOXES_UNACT_ALL], enc["enc_outputs_coord_unact"], FEAT_ATOL, r)
     assert torch.equal(ex[EXTRAS_TOPK_INDICES], enc["topk_indices"])
     topk = enc["topk_indices"][0]
-    _close("enc_logits (top-k)", ex[EXTRAS_ENC_LOGITS][0], enc["enc_outputs_class"][0, topk], FEAT_ATOL, r)
+    close_report("enc_logits (top-k)", ex[EXTRAS_ENC_LOGITS][0], enc["enc_outputs_class"][0, topk], FEAT_ATOL, r)
     _boxes_px("enc_boxes (top-k)", ex[EXTRAS_ENC_BOXES][0], enc["enc_outputs_coord_unact"][0, topk].sigmoid(), r)
     _boxes_px("init_reference", run.group.reference, dec["decoder_init_reference_sigmoid"], r)
-    _close("query_in", run.group.content, dec["decoder_query_in"], FEAT_ATOL, r)
+    close_report("query_in", run.group.content, dec["decoder_query_in"], FEAT_ATOL, r)
     print("dino encoder parity (max abs diff):", r)
 
 
@@ -157,9 +144,9 @@ def test_decoder_layers(dino):
     dec = data["decoder_outputs"]
     r: dict[str, float] = {}
     for layer in range(2):
-        _close(f"logits[{layer}]", run.out.logits[layer], dec["all_cls_scores"][layer], FEAT_ATOL, r)
+        close_report(f"logits[{layer}]", run.out.logits[layer], dec["all_cls_scores"][layer], FEAT_ATOL, r)
         _boxes_px(f"boxes[{layer}]", run.out.boxes[layer], dec["all_bbox_preds"][layer], r)
-        _close(f"hidden[{layer}] (normed)", run.out.hidden[layer], dec["decoder_hidden_states"][layer], FEAT_ATOL, r)
+        close_report(f"hidden[{layer}] (normed)", run.out.hidden[layer], dec["decoder_hidden_states"][layer], FEAT_ATOL, r)
         # references[l] = the reference layer l refines from: [initial, after layer 0]
         _boxes_px(f"references[{layer}]", run.out.references[layer], dec["decoder_references"][layer], r)
     print("dino decoder parity (max abs diff):", r)
@@ -172,8 +159,8 @@ def test_predictions_top300(dino):
     det = postprocess(run.out, hw, hw, topk=300)[0]
     r: dict[str, float] = {}
     assert torch.equal(det.labels, pred["labels"])
-    _close("scores", det.scores, pred["scores"], SCORE_ATOL, r)
-    _close("bboxes_xyxy [px]", det.boxes, pred["bboxes_xyxy"], BOX_ATOL_PX, r)
+    close_report("scores", det.scores, pred["scores"], SCORE_ATOL, r)
+    close_report("bboxes_xyxy [px]", det.boxes, pred["bboxes_xyxy"], BOX_ATOL_PX, r)
     print("dino prediction parity (max abs diff):", r)
 
 

@@ -84,3 +84,9 @@ def close_report(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, 
     diff = (got[~inf_g] - want[~inf_w]).abs().max().item() if (~inf_g).any() else 0.0
     report[name] = diff
     assert diff <= atol, f"{name}: max abs diff {diff:.3g} > {atol:.1g}"
+
+
+def boxes_px_report(px: torch.Tensor, name: str, got: torch.Tensor, want: torch.Tensor, report: dict[str, float],
+                    atol_px: float = 1e-3) -> None:
+    """:func:`close_report` of normalised boxes scaled to input pixels by ``px`` = (W, H, W, H)."""
+    close_report(name + " [px]", got * px, want * px, atol_px, report)

@@ -35,7 +35,7 @@ from codetr.core.structures import Batch, Target
 from codetr.variants.postprocess import postprocess
 from tests._reference import backbone_atol, load_int8exact_state_dict, reference_dir
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.usefixtures("one_thread")]  # fixtures made with 1 thread
 
 NAME = "co_dino_mmdet3_small"
 H, W = 256, 320
@@ -90,11 +90,6 @@ def _build(variant: dict):
     assert not unexpected, unexpected
     assert [k for k in missing if not k.endswith("num_batches_tracked")] == [], missing
     return model, report
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Every test here with one intra-op thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -31,9 +31,9 @@ from codetr.core.interfaces import (EXTRAS_ENC_BOXES, EXTRAS_ENC_BOXES_UNACT_ALL
 from codetr.necks.channel_mapper import ChannelMapper
 from codetr.variants.deformable import DeformableDETR, DeformableDETRConfig, build
 from codetr.variants.postprocess import postprocess
-from tests._reference import close_report, load_int8exact_state_dict, load_safetensors_state_dict, reference_dir
+from tests._reference import boxes_px_report, close_report, load_int8exact_state_dict, load_safetensors_state_dict, reference_dir
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.usefixtures("one_thread")]  # fixtures made with 1 thread
 
 FEAT_ATOL = 1e-4   # features, hidden states, logits, logit-space coordinates
 BOX_ATOL_PX = 1e-3  # boxes / references, in input pixels
@@ -79,15 +79,6 @@ def _run(model: _Model, image: Tensor) -> Run:
         group = model.variant.make_queries(memory, None)[0]
         out = model.variant.decode(group, memory)
     return Run(levels, memory, group, out)
-
-
-def _boxes_px(name: str, got: Tensor, want: Tensor, report: dict[str, float]) -> None:
-    close_report(name + " [px]", got * PX, want * PX, BOX_ATOL_PX, report)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Every test here with one intra-op thread (tests/conftest.py)."""
 
 
 # --------------------------------------------------------------------------- official Co-Deformable-DETR
@@ -136,9 +127,9 @@ def test_co_deformable_encoder_and_proposals(co_def):
     close_report("enc_logits", ex[EXTRAS_ENC_LOGITS_ALL], qh["enc_outputs_class"], FEAT_ATOL, r)
     close_report("enc_proposals_unact", ex[EXTRAS_ENC_PROPOSALS_UNACT], qh["output_proposals"], FEAT_ATOL, r)
     close_report("enc_boxes_unact", ex[EXTRAS_ENC_BOXES_UNACT_ALL], qh["enc_outputs_coord_unact"], FEAT_ATOL, r)
-    _boxes_px("enc_boxes", ex[EXTRAS_ENC_BOXES], qh["enc_outputs_coord"], r)
+    boxes_px_report(PX, "enc_boxes", ex[EXTRAS_ENC_BOXES], qh["enc_outputs_coord"], r)
     assert torch.equal(ex[EXTRAS_TOPK_INDICES], qh["topk_indices"])
-    _boxes_px("init_reference", run.group.reference, qh["init_reference"], r)
+    boxes_px_report(PX, "init_reference", run.group.reference, qh["init_reference"], r)
     # mixed selection: the content queries are the learned embedding itself
     assert torch.equal(run.group.content[0], co_def[0].variant.query_embedding.weight)
     print("co-deformable encoder parity (max abs diff):", r)
@@ -151,11 +142,11 @@ def test_co_deformable_decoder_layers(co_def):
     r: dict[str, float] = {}
     for layer in range(2):
         close_report(f"logits[{layer}]", out.logits[layer], qh["all_cls_scores"][layer], FEAT_ATOL, r)
-        _boxes_px(f"boxes[{layer}]", out.boxes[layer], qh["all_bbox_preds"][layer], r)
+        boxes_px_report(PX, f"boxes[{layer}]", out.boxes[layer], qh["all_bbox_preds"][layer], r)
         close_report(f"hidden[{layer}]", out.hidden[layer], qh["decoder_hidden_states"][layer], FEAT_ATOL, r)
     # the reference layer l refined from: init reference, then the refined box of layer l-1
-    _boxes_px("references[0]", out.references[0], qh["init_reference"], r)
-    _boxes_px("references[1]", out.references[1], qh["inter_references"][0], r)
+    boxes_px_report(PX, "references[0]", out.references[0], qh["init_reference"], r)
+    boxes_px_report(PX, "references[1]", out.references[1], qh["inter_references"][0], r)
     print("co-deformable decoder parity (max abs diff):", r)
 
 
@@ -218,7 +209,7 @@ def test_mmdet3_encoder_and_proposals(mmdet3):
     close_report("enc_proposals_unact", ex[EXTRAS_ENC_PROPOSALS_UNACT], enc["output_proposals_unact"], FEAT_ATOL, r)
     close_report("enc_boxes_unact", ex[EXTRAS_ENC_BOXES_UNACT_ALL], enc["enc_outputs_coord_unact"], FEAT_ATOL, r)
     assert torch.equal(ex[EXTRAS_TOPK_INDICES], enc["topk_indices"])
-    _boxes_px("init_reference", run.group.reference, dec["decoder_init_reference_sigmoid"], r)
+    boxes_px_report(PX, "init_reference", run.group.reference, dec["decoder_init_reference_sigmoid"], r)
     close_report("query_in", run.group.content, dec["decoder_query_in"], FEAT_ATOL, r)
     close_report("query_pos_in", run.group.pos, dec["decoder_query_pos_in"], FEAT_ATOL, r)
     print("mmdet3 encoder parity (max abs diff):", r)
@@ -231,9 +222,9 @@ def test_mmdet3_decoder_layers(mmdet3):
     r: dict[str, float] = {}
     for layer in range(2):
         close_report(f"logits[{layer}]", out.logits[layer], dec["all_cls_scores"][layer], FEAT_ATOL, r)
-        _boxes_px(f"boxes[{layer}]", out.boxes[layer], dec["all_bbox_preds"][layer], r)
+        boxes_px_report(PX, f"boxes[{layer}]", out.boxes[layer], dec["all_bbox_preds"][layer], r)
         close_report(f"hidden[{layer}]", out.hidden[layer], dec["decoder_hidden_states"][layer], FEAT_ATOL, r)
-        _boxes_px(f"references[{layer}]", out.references[layer], dec["decoder_references"][layer], r)
+        boxes_px_report(PX, f"references[{layer}]", out.references[layer], dec["decoder_references"][layer], r)
     print("mmdet3 decoder parity (max abs diff):", r)
 
 
@@ -281,7 +272,7 @@ def test_co_deformable_extra_query_group(co_def):
     r: dict[str, float] = {}
     for layer in range(2):
         close_report(f"aux logits[{layer}]", out.logits[layer], aux["all_cls_scores"][layer], FEAT_ATOL, r)
-        _boxes_px(f"aux boxes[{layer}]", out.boxes[layer], aux["all_bbox_preds"][layer], r)
+        boxes_px_report(PX, f"aux boxes[{layer}]", out.boxes[layer], aux["all_bbox_preds"][layer], r)
     print("co-deformable aux-group decode parity (max abs diff):", r)
 
 

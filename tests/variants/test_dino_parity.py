@@ -32,9 +32,9 @@ from codetr.heads.criterion import SetCriterion, SetCriterionConfig
 from codetr.necks.channel_mapper import ChannelMapper
 from codetr.variants.dino import DINO, DINOConfig, build
 from codetr.variants.postprocess import postprocess
-from tests._reference import backbone_atol, close_report, load_int8exact_state_dict, reference_dir
+from tests._reference import backbone_atol, boxes_px_report, close_report, load_int8exact_state_dict, reference_dir
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.usefixtures("one_thread")]  # fixtures made with 1 thread
 
 NAME = "dino_mmdet3_small"
 FEAT_ATOL = 1e-4
@@ -62,15 +62,6 @@ class Run:
     memory: object
     group: object
     out: object
-
-
-def _boxes_px(name: str, got: Tensor, want: Tensor, report: dict[str, float]) -> None:
-    close_report(name + " [px]", got * PX, want * PX, BOX_ATOL_PX, report)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Every test here with one intra-op thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +124,8 @@ def test_encoder_memory_and_topk_proposals(dino):
     assert torch.equal(ex[EXTRAS_TOPK_INDICES], enc["topk_indices"])
     topk = enc["topk_indices"][0]
     close_report("enc_logits (top-k)", ex[EXTRAS_ENC_LOGITS][0], enc["enc_outputs_class"][0, topk], FEAT_ATOL, r)
-    _boxes_px("enc_boxes (top-k)", ex[EXTRAS_ENC_BOXES][0], enc["enc_outputs_coord_unact"][0, topk].sigmoid(), r)
-    _boxes_px("init_reference", run.group.reference, dec["decoder_init_reference_sigmoid"], r)
+    boxes_px_report(PX, "enc_boxes (top-k)", ex[EXTRAS_ENC_BOXES][0], enc["enc_outputs_coord_unact"][0, topk].sigmoid(), r)
+    boxes_px_report(PX, "init_reference", run.group.reference, dec["decoder_init_reference_sigmoid"], r)
     close_report("query_in", run.group.content, dec["decoder_query_in"], FEAT_ATOL, r)
     print("dino encoder parity (max abs diff):", r)
 
@@ -145,10 +136,10 @@ def test_decoder_layers(dino):
     r: dict[str, float] = {}
     for layer in range(2):
         close_report(f"logits[{layer}]", run.out.logits[layer], dec["all_cls_scores"][layer], FEAT_ATOL, r)
-        _boxes_px(f"boxes[{layer}]", run.out.boxes[layer], dec["all_bbox_preds"][layer], r)
+        boxes_px_report(PX, f"boxes[{layer}]", run.out.boxes[layer], dec["all_bbox_preds"][layer], r)
         close_report(f"hidden[{layer}] (normed)", run.out.hidden[layer], dec["decoder_hidden_states"][layer], FEAT_ATOL, r)
         # references[l] = the reference layer l refines from: [initial, after layer 0]
-        _boxes_px(f"references[{layer}]", run.out.references[layer], dec["decoder_references"][layer], r)
+        boxes_px_report(PX, f"references[{layer}]", run.out.references[layer], dec["decoder_references"][layer], r)
     print("dino decoder parity (max abs diff):", r)
 
 

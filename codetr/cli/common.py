@@ -18,7 +18,10 @@ SET_HELP = "Override a recipe value, e.g. --set optim.lr=1e-4 --set model.aux_he
 
 
 def fail(message: str, code: int = 1) -> "typer.Exit":
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # the message is plain text: brackets in it (``[x, y, width, height]``) must not be read as rich markup
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

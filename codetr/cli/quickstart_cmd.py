@@ -50,7 +50,7 @@ def quickstart(
         from codetr.engine.trainer import Trainer
 
         console.rule("[bold]2/4 training")
-        trainer = Trainer(resolved, resume=None if fresh else "auto", output_dir=output_dir)
+        trainer = Trainer(resolved, resume=None if fresh else "auto", output_dir=output_dir, overwrite=fresh)
         result = trainer.fit()
         console.rule("[bold]3/4 evaluation (COCO, validation split)")
         if result.get("status") == "finished" and trainer.last_eval is not None:
@@ -76,7 +76,7 @@ def save_prediction_grid(model, recipe, split_dir: Path, path: Path, num_images:
     from PIL import Image
 
     from codetr.data.collate import collate
-    from codetr.data.decode import meta_to_target
+    from codetr.data.decode import load_image_rgb, meta_to_target
     from codetr.data.coco_folder import CocoFolderDataset
     from codetr.data.transforms import build_transforms
     from codetr.engine.visualize import display_threshold, draw_side_by_side
@@ -93,7 +93,7 @@ def save_prediction_grid(model, recipe, split_dir: Path, path: Path, num_images:
         batch = collate([sample]).to(device)
         with torch.no_grad():
             det = detector.predict(batch)[0].to("cpu")
-        original = Image.open(dataset.records[index].path).convert("RGB")
+        original = load_image_rgb(dataset.records[index].path)
         gt = meta_to_target(dataset.meta(index))
         threshold = display_threshold(det.scores, len(gt))
         rows.append(draw_side_by_side(original, gt, det, names, score_threshold=threshold))

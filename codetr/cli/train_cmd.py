@@ -14,7 +14,11 @@ import typer
 
 from codetr.cli.common import SET_HELP, console, fail, load, user_errors
 
-__all__ = ["train", "eval_cmd", "predict", "register"]
+__all__ = ["train", "eval_cmd", "predict", "register", "PREEMPTED_EXIT_CODE"]
+
+#: exit code of a run stopped by SIGTERM after checkpointing (BSD EX_TEMPFAIL: "try again"), so a scheduler
+#: can tell it from a finished run (0) and from an error (1)
+PREEMPTED_EXIT_CODE = 75
 
 
 def _engine_errors():
@@ -47,17 +51,26 @@ def train(
         "else a fresh start). Restores model, optimizer, schedule, scaler, RNG and data position. "
         "To fine-tune from other weights use model.init_from instead.")] = None,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", help="Default: runtime.output_dir or runs/<recipe name>.")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Start over in an output dir that holds an earlier run: its files are moved to "
+        "<output-dir>/replaced-<time>/ (nothing is deleted). Without it such a run is refused.")] = False,
 ) -> None:
-    """Train a recipe (single process, or every rank under torchrun / srun)."""
+    """Train a recipe (single process, or every rank under torchrun / srun).
+
+    Exit codes: 0 finished (or already finished), 1 error, 75 (EX_TEMPFAIL) stopped by SIGTERM after a
+    checkpoint: rerun with ``--resume auto`` to continue.
+    """
     from codetr.engine.distributed import destroy_distributed
     from codetr.engine.trainer import Trainer
 
     try:
         with _engine_errors():
             resolved = load(recipe, set_)
-            result = Trainer(resolved, resume=resume, output_dir=output_dir).fit()
+            result = Trainer(resolved, resume=resume, output_dir=output_dir, overwrite=overwrite).fit()
         if result.get("status") == "preempted":
-            raise typer.Exit(0)
+            console.print(f"stopped by SIGTERM at iteration {result.get('iteration')} after a checkpoint; exit code "
+                          f"{PREEMPTED_EXIT_CODE}: continue with --resume auto")
+            raise typer.Exit(PREEMPTED_EXIT_CODE)
     finally:
         destroy_distributed()
 
@@ -111,13 +124,22 @@ def predict(
     out: Annotated[Path, typer.Option("--out", help="Output folder (one JSON + one PNG per image).")] = Path("predictions"),
     score_threshold: Annotated[float, typer.Option("--score-threshold", help="Keep detections with score >= this.")] = 0.3,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help=SET_HELP)] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace files in --out that an earlier codetr predict did not write.")] = False,
 ) -> None:
-    """Detect objects in images; write JSON (xyxy pixels, scores, classes) and drawn PNGs."""
-    from codetr.engine.predict import predict_images
+    """Detect objects in images; write JSON (xyxy pixels, scores, classes) and drawn PNGs.
+
+    Never writes over an input, nor over a file in --out it did not write itself (unless --overwrite);
+    unreadable inputs are skipped, listed at the end, and make the exit code 1.
+    """
+    from codetr.engine.predict import PredictError, predict_images
 
     with _engine_errors():
         resolved = load(recipe, set_, read_data=False) if _has_num_classes(recipe, set_) else load(recipe, set_)
-        predict_images(resolved, checkpoint, images, out, score_threshold, console=console)
+        try:
+            predict_images(resolved, checkpoint, images, out, score_threshold, console=console, overwrite=overwrite)
+        except (PredictError, FileExistsError) as exc:
+            raise fail(str(exc)) from None
 
 
 def _has_num_classes(recipe: Path, overrides: list[str] | None) -> bool:

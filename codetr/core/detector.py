@@ -85,6 +85,7 @@ class Detector(nn.Module):
         else:
             levels = self.neck(self.backbone(batch.images))
             masks = level_masks(batch.masks, [tuple(x.shape[-2:]) for x in levels])
+        levels, masks = pad_to_min_tokens(levels, masks, list(self.neck.out_strides), self.variant.min_tokens)
         inputs = self.variant.prepare(levels, masks, list(self.neck.out_strides))
         return self.variant.encode(inputs)
 
@@ -145,3 +146,28 @@ class Detector(nn.Module):
             dets = [d.filter(d.scores >= self.score_threshold) for d in dets]
         return dets
 
+
+def pad_to_min_tokens(levels: list[Tensor], masks: list[Tensor], strides: list[int], min_tokens: int
+                      ) -> tuple[list[Tensor], list[Tensor]]:
+    """Pad tiny feature pyramids with masked zeros until they hold ``min_tokens`` tokens.
+
+    A two-stage variant ranks every encoder token and keeps its top ``num_proposals``; an image of a few
+    pixels (e.g. 33 px with strides 16..64: 14 tokens for 20 proposals) has fewer. Each level l grows by
+    ``t * max(strides) / strides[l]`` cells on the bottom and right (the pyramid's 2x relation kept), the
+    smallest t that suffices; the new cells are padding (mask True), like bottom/right image padding.
+    Maps (B, C, H_l, W_l), masks (B, H_l, W_l) True on padding; unchanged when there are enough tokens.
+    """
+    total = sum(x.shape[-2] * x.shape[-1] for x in levels)
+    if total >= min_tokens or not levels:
+        return levels, masks
+    top = max(strides)
+    grow = [max(1, top // s) for s in strides]
+    t = 1
+    while sum((x.shape[-2] + t * g) * (x.shape[-1] + t * g) for x, g in zip(levels, grow)) < min_tokens:
+        t += 1
+    out_l, out_m = [], []
+    for x, m, g in zip(levels, masks, grow):
+        p = t * g
+        out_l.append(torch.nn.functional.pad(x, (0, p, 0, p)))
+        out_m.append(torch.nn.functional.pad(m, (0, p, 0, p), value=True))
+    return out_l, out_m

@@ -427,6 +427,9 @@ class DETRVariant(nn.Module, ABC):
     hidden_dim: int
     num_levels: int
     num_decoder_layers: int
+    #: encoder tokens the variant needs at least (two-stage: its top-k proposal count); images so small that
+    #: their feature maps hold fewer are padded with masked tokens by the detector
+    min_tokens: int = 0
 
     @abstractmethod
     def prepare(self, levels: list[Tensor], masks: list[Tensor], strides: list[int]) -> EncoderInputs:

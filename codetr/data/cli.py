@@ -61,9 +61,12 @@ def convert_cmd(
 ) -> None:
     """Validate a COCO json and write webdataset shards + index.json.
 
-    Every check runs before anything is written: unknown category ids, duplicate image ids and
-    missing image files are errors; out-of-image boxes are clipped and zero-size boxes dropped (both
-    counted in the printed report). Image bytes are copied untouched.
+    Every annotation check runs before anything is written: unknown category ids, duplicate image ids
+    and missing image files are errors; out-of-image boxes are clipped and zero-size boxes dropped (both
+    counted in the printed report). Image bytes are copied untouched, but each image is fully decoded
+    as training will decode it: truncated/undecodable files, unsupported image modes and images whose
+    real size differs from the json's width/height make the conversion fail (exit 1) with every
+    offender listed, and nothing is written.
     """
     from codetr.data.convert import convert_coco
 
@@ -124,11 +127,16 @@ def inspect_cmd(
     render: Annotated[int, typer.Option("--render", min=0, help="Also draw boxes on this many samples.")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for rendered PNGs (required with --render).")] = None,
     max_shards: Annotated[Optional[int], typer.Option("--max-shards", min=1, help="Only read the first N shards.")] = None,
+    check_images: Annotated[bool, typer.Option("--check-images/--no-check-images", help="Decode every image as "
+                                               "training does and compare its size with its annotations.")] = True,
 ) -> None:
     """Print data statistics (samples per shard, boxes per image, categories, box sizes).
 
     Shards: sample counts are checked against index.json; corrupt samples are counted. A COCO json is
     validated exactly as `codetr data convert` would (nothing is written) and the same tables are printed.
+    Every image is decoded (unless --no-check-images): truncated/undecodable files, unsupported modes and
+    images whose real size differs from their annotations are named. Exit status 1 when any sample is
+    corrupt or a shard's sample count differs from index.json.
     """
     from codetr.data.inspect import inspect_coco, inspect_shards, is_coco_json, render_samples
 
@@ -139,15 +147,28 @@ def inspect_cmd(
             raise DataError("--render draws converted shards; convert the COCO file first (codetr data convert)")
         if images is None:
             images = Path(path).parent / "images" if (Path(path).parent / "images").is_dir() else Path(path).parent
-        inspect_coco(path, images, console=_out)
+        _exit_on_problems(inspect_coco(path, images, console=_out, check_images=check_images), "convert would fail")
         return
     if images is not None:
         raise DataError(f"--images only applies to a COCO annotation json; {path} is not one")
-    inspect_shards(path, console=_out, max_shards=max_shards)
+    stats = inspect_shards(path, console=_out, max_shards=max_shards, check_images=check_images)
     if render:
         assert out is not None
         paths = render_samples(path, render, out)
         _out.print(f"rendered {len(paths)} samples to {out}")
+    _exit_on_problems(stats, "training would skip the corrupt samples")
+
+
+def _exit_on_problems(stats: Any, consequence: str) -> None:
+    if stats.ok:
+        return
+    parts = []
+    if stats.num_corrupt:
+        parts.append(f"{stats.num_corrupt} corrupt sample(s)/image file(s) (listed above)")
+    if stats.mismatches:
+        parts.append(f"{len(stats.mismatches)} shard count mismatch(es) with index.json")
+    _err.print(f"[bold red]error:[/bold red] [red]{escape('; '.join(parts) or 'problems found')}: {consequence}[/red]")
+    raise typer.Exit(code=1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,6 +11,12 @@ The format is described in :mod:`codetr.data.format`. Conversion is:
 3. Shards are written by a process pool, each worker writing whole shards; image bytes are read one
    file at a time and copied untouched into the tar, so memory stays flat even for COCO train2017
    (118k images). Each shard is written to ``<name>.partial`` and renamed when complete.
+   Every image is also fully decoded as training will decode it (:func:`codetr.data.images.check_image`:
+   every PIL mode, truncation detected, EXIF ignored) and its real size compared with the json's
+   ``width``/``height``. Undecodable/truncated files, unsupported modes and size mismatches are
+   collected over *all* shards; if there is any, the shards are removed, no index is written and a
+   :class:`ImageCheckError` lists every offender (file, json size, real size). There is no option to
+   skip them: fix the files or the json entries (sizes are those of the stored pixel grid).
 4. ``index.json`` is written last, atomically (tmp file + ``os.replace``): a directory with an index is
    always complete.
 
@@ -35,6 +41,7 @@ from typing import Any, Sequence
 from pydantic import BaseModel, ConfigDict
 
 from codetr.data.coco import ImageRecord, PreparedCoco, prepare_coco
+from codetr.data.images import ImageProblem, check_image
 from codetr.data.format import (
     INDEX_FILENAME,
     CategoryInfo,
@@ -49,11 +56,53 @@ from codetr.data.format import (
 )
 from codetr.data.tables import key_value_table
 
-__all__ = ["ConversionReport", "convert_coco", "plan_shard_sizes", "write_shard"]
+__all__ = ["ConversionReport", "ImageCheckError", "convert_coco", "plan_shard_sizes", "write_shard",
+           "format_image_problems"]
 
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _PROGRESS_EVERY = 32
 _progress_queue: Any = None  # set in pool workers by _init_worker
+#: How many offending image files an :class:`ImageCheckError` lists.
+MAX_PROBLEMS_LISTED = 20
+
+
+def format_image_problems(problems: Sequence[ImageProblem], limit: int = MAX_PROBLEMS_LISTED) -> str:
+    """Offending image files grouped by kind, one per line (at most ``limit`` per kind)."""
+    lines: list[str] = []
+    for kind, title in (
+        ("size", "real image size differs from the json's width/height"),
+        ("corrupt", "undecodable, truncated or unsupported image files"),
+    ):
+        group = [p for p in problems if p.kind == kind]
+        if not group:
+            continue
+        lines.append(f"{len(group)} {title}:")
+        lines.extend(f"    {p}" for p in group[:limit])
+        if len(group) > limit:
+            lines.append(f"    ... ({len(group) - limit} more)")
+    return "\n".join(lines)
+
+
+class ImageCheckError(DataError):
+    """Image files that training could not use (corrupt, truncated, unsupported mode, wrong size).
+
+    Attributes:
+        problems: every offender, as :class:`~codetr.data.images.ImageProblem` (file, kind, detail).
+    """
+
+    def __init__(self, problems: Sequence[ImageProblem], context: str = ""):
+        self.problems = list(problems)
+        self.context = context
+        head = f"{context}: " if context else ""
+        super().__init__(
+            f"{head}{len(self.problems)} image file(s) cannot be used as annotated, nothing was written:\n  "
+            + format_image_problems(self.problems).replace("\n", "\n  ")
+            + "\n  fix the files, or the json's width/height (the stored pixel size; EXIF orientation is "
+            "not applied), or remove these images from the json"
+        )
+
+    def __reduce__(self) -> Any:  # keep ``problems`` through process-pool pickling
+        return (type(self), (self.problems, self.context))
 
 
 class ConversionReport(BaseModel):
@@ -147,15 +196,20 @@ def _init_worker(queue: Any) -> None:
 def write_shard(path: str, records: Sequence[ImageRecord]) -> ShardInfo:
     """Write one shard: for each record ``<key>.<ext>`` (untouched image bytes) + ``<key>.json``.
 
-    Image files are read one at a time. The tar goes to ``path + '.partial'`` and is renamed to ``path``
-    once complete. Progress (samples written) is pushed to the pool's progress queue when there is one.
+    Image files are read one at a time and each is checked with :func:`~codetr.data.images.check_image`
+    (full decode, real size vs the json's). The tar goes to ``path + '.partial'`` and is renamed to
+    ``path`` once complete. Progress (samples written) is pushed to the pool's progress queue when
+    there is one.
 
     Raises:
+        ImageCheckError: some images are corrupt/truncated/unsupported or not the annotated size (all of
+            this shard's offenders are listed; nothing is left on disk for this shard).
         DataError: an image file cannot be read or is not a supported image type.
     """
     tmp = path + ".partial"
     num_boxes = 0
     pending = 0
+    problems: list[ImageProblem] = []
     try:
         with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for rec in records:
@@ -165,16 +219,22 @@ def write_shard(path: str, records: Sequence[ImageRecord]) -> ShardInfo:
                         data = imf.read()
                 except OSError as exc:
                     raise DataError(f"{rec.path}: cannot read image file ({exc})") from exc
-                ext = image_extension(data, rec.path)
-                key = make_key(meta["image_id"], meta["file_name"])
-                js = json.dumps(meta, separators=(",", ":")).encode("utf-8")
-                tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
-                tar.addfile(_tarinfo(f"{key}.json", len(js)), io.BytesIO(js))
-                num_boxes += len(meta["boxes"])
+                ext = image_extension(data, rec.path)  # unknown file type: fails at once, as before
+                problem = check_image(data, rec.path, int(meta["width"]), int(meta["height"]))
+                if problem is not None:
+                    problems.append(problem)
+                if not problems:  # once the shard is doomed, only check the remaining images
+                    key = make_key(meta["image_id"], meta["file_name"])
+                    js = json.dumps(meta, separators=(",", ":")).encode("utf-8")
+                    tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+                    tar.addfile(_tarinfo(f"{key}.json", len(js)), io.BytesIO(js))
+                    num_boxes += len(meta["boxes"])
                 pending += 1
                 if _progress_queue is not None and pending >= _PROGRESS_EVERY:
                     _progress_queue.put(pending)
                     pending = 0
+        if problems:
+            raise ImageCheckError(problems)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -237,12 +297,17 @@ def _run_jobs(
         TimeRemainingColumn(),
     )
     results: list[ShardInfo | None] = [None] * len(jobs)
+    problems: list[list[ImageProblem]] = [[] for _ in jobs]  # per job: the report keeps file order
     if num_workers <= 1 or len(jobs) == 1:
         with Progress(*columns, console=console, disable=not progress) as bar:
             task = bar.add_task("shards", total=total)
             for i, (path, recs) in enumerate(jobs):
-                results[i] = write_shard(path, recs)
+                try:
+                    results[i] = write_shard(path, recs)
+                except ImageCheckError as exc:  # keep going: report every offender at once
+                    problems[i] = exc.problems
                 bar.advance(task, len(recs))
+        _raise_problems(problems)
         return [r for r in results if r is not None]
 
     ctx = _pool_context()
@@ -272,6 +337,9 @@ def _run_jobs(
                 drain()
                 for fut in done:
                     exc = fut.exception()
+                    if isinstance(exc, ImageCheckError):
+                        problems[futures[fut]] = exc.problems
+                        continue
                     if exc is not None:
                         path = jobs[futures[fut]][0]
                         if isinstance(exc, DataError):
@@ -285,7 +353,14 @@ def _run_jobs(
         pool.shutdown(wait=True, cancel_futures=True)
         queue.close()
         queue.join_thread()
+    _raise_problems(problems)
     return [r for r in results if r is not None]
+
+
+def _raise_problems(problems: list[list[ImageProblem]]) -> None:
+    flat = [p for group in problems for p in group]
+    if flat:
+        raise ImageCheckError(flat)
 
 
 def convert_coco(
@@ -323,6 +398,8 @@ def convert_coco(
         The :class:`ConversionReport` (its counts are also stored in ``index.json``).
 
     Raises:
+        ImageCheckError: image files that are corrupt, truncated, of an unsupported mode or whose real
+            size differs from the json's ``width``/``height`` (every offender listed; nothing written).
         DataError: invalid annotations / missing images (nothing written), or a shard write failure.
     """
     t0 = time.perf_counter()
@@ -349,7 +426,10 @@ def convert_coco(
 
         console = Console()
     try:
-        shards = _run_jobs(jobs, num_workers, len(records), progress, console)
+        try:
+            shards = _run_jobs(jobs, num_workers, len(records), progress, console)
+        except ImageCheckError as exc:
+            raise ImageCheckError(exc.problems, os.fspath(ann_json)) from None
     except BaseException:
         for path, _ in jobs:  # no index was written: leave no half-converted dataset behind
             for p in (path, path + ".partial"):

@@ -2,12 +2,13 @@
 
 The conversion from the on-disk convention (COCO xywh absolute pixels, see :mod:`codetr.data.format`) to
 the framework convention (``Target.boxes`` xyxy absolute pixels, :mod:`codetr.core.structures`) happens
-here and only here.
+here and only here. Image bytes are decoded by :func:`codetr.data.images.decode_rgb` (re-exported here
+with :func:`load_image_rgb`): the decoding policy per image mode, the EXIF choice (ignored: annotations
+refer to the stored pixel grid) and truncation handling are documented in :mod:`codetr.data.images`.
 """
 
 from __future__ import annotations
 
-import io
 import random
 from typing import Any, Mapping
 
@@ -18,16 +19,23 @@ from pydantic import ValidationError
 from codetr.core.structures import Target
 from codetr.data.collate import Sample
 from codetr.data.format import DataError, SampleMeta, format_validation_error
+from codetr.data.images import CorruptSampleError, decode_rgb, load_image_rgb, to_rgb8
 from codetr.data.transforms import Transform
 
-__all__ = ["CorruptSampleError", "meta_to_target", "decode_image", "parse_shard_sample", "make_sample", "blank_sample"]
+__all__ = [
+    "CorruptSampleError",
+    "meta_to_target",
+    "decode_image",
+    "decode_rgb",
+    "load_image_rgb",
+    "to_rgb8",
+    "parse_shard_sample",
+    "make_sample",
+    "blank_sample",
+]
 
 #: Member extensions accepted as the image of a shard sample (writer uses the first five).
 _IMAGE_KEYS = ("jpg", "png", "webp", "bmp", "tiff", "jpeg", "tif")
-
-
-class CorruptSampleError(Exception):
-    """A stored sample cannot be used (bad image bytes, bad json, missing member). Loaders skip these."""
 
 
 def meta_to_target(meta: SampleMeta) -> Target:
@@ -47,19 +55,16 @@ def meta_to_target(meta: SampleMeta) -> Target:
 
 
 def decode_image(data: bytes, meta: SampleMeta, where: str) -> Image.Image:
-    """Decode image bytes to an RGB PIL image and check its size against the annotations.
+    """Decode image bytes to an 8-bit RGB PIL image and check its size against the annotations.
 
+    Decoding is :func:`codetr.data.images.decode_rgb` (every mode, see :mod:`codetr.data.images`).
     EXIF orientation is deliberately ignored (COCO annotations refer to the stored pixel grid).
 
     Raises:
-        CorruptSampleError: undecodable/truncated bytes, or size different from ``meta.width x height``.
+        CorruptSampleError: undecodable/truncated bytes, unsupported mode, or size different from
+            ``meta.width x height``.
     """
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            image = im.convert("RGB")
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad data
-        raise CorruptSampleError(f"{where}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+    image = decode_rgb(data, where)
     if image.size != (meta.width, meta.height):
         raise CorruptSampleError(
             f"{where}: image is {image.width}x{image.height} but its annotations say {meta.width}x{meta.height}"

@@ -2,8 +2,12 @@
 conversion (:func:`inspect_coco`) and rendered samples (:func:`render_samples`).
 
 Both accept an ``index.json``, a directory holding one, or shard URLs/patterns. Statistics are computed
-from the per-sample annotations only (images are not decoded); the sample counts found in the shards
-are compared with the index, and mismatches are shown in red.
+from the per-sample annotations; the sample counts found in the shards are compared with the index, and
+mismatches are shown in red. Unless ``check_images=False``, every image is also decoded exactly as
+training decodes it (:func:`codetr.data.images.decode_rgb`: truncated or undecodable files and
+unsupported modes are corrupt) and its real size compared with its annotations; each offender is named
+in :attr:`ShardStats.problems` and counted in ``num_corrupt``. :attr:`ShardStats.ok` is what the CLI's
+exit status follows.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import colorsys
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -20,8 +25,11 @@ from PIL import Image, ImageDraw
 
 from codetr.data.decode import CorruptSampleError, decode_image, meta_to_target, parse_shard_sample
 from codetr.data.format import CategoryInfo, SampleMeta, load_index
+from codetr.data.images import ImageProblem, check_image
 from codetr.data.tables import key_value_table
 from codetr.data.transforms import TransformsConfig, build_transforms
+
+_MAX_PROBLEMS_SHOWN = 50
 
 __all__ = ["ShardStats", "inspect_shards", "inspect_coco", "is_coco_json", "render_samples", "iter_shard_samples"]
 
@@ -50,6 +58,12 @@ class ShardStats:
     image_heights: list[int] = field(default_factory=list)
     categories: list[CategoryInfo] | None = None
     mismatches: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # "<kind>: <file or shard:key (file)>: why", per sample
+
+    @property
+    def ok(self) -> bool:
+        """No corrupt sample, no image/size problem and no index count mismatch."""
+        return not (self.num_corrupt or self.problems or self.mismatches)
 
 
 def _resolve(source: str | os.PathLike[str] | Sequence[str]) -> tuple[list[str], list[int] | None, list[CategoryInfo] | None]:
@@ -90,6 +104,7 @@ def inspect_shards(
     console: Any | None = None,
     max_shards: int | None = None,
     show: bool = True,
+    check_images: bool = True,
 ) -> ShardStats:
     """Read the annotations of every sample and print shard/index statistics as rich tables.
 
@@ -98,6 +113,8 @@ def inspect_shards(
         console: rich console (default: a new one on stdout).
         max_shards: only read the first N shards (quick look at huge sets).
         show: print the tables (``False``: just return the statistics).
+        check_images: also decode every image as training does and compare its size with its
+            annotations (corrupt ones are counted and named in ``problems``); ``False``: annotations only.
 
     Returns:
         The :class:`ShardStats`.
@@ -109,14 +126,21 @@ def inspect_shards(
         n = boxes = corrupt = 0
         for raw in iter_shard_samples(url, errors):
             try:
-                meta, _ = parse_shard_sample(raw)
-            except CorruptSampleError:
+                meta, data = parse_shard_sample(raw)
+            except CorruptSampleError as exc:
                 corrupt += 1
+                stats.problems.append(f"corrupt: {exc}")
                 continue
+            if check_images:
+                problem = check_image(data, f"{url}:{raw.get('__key__')} ({meta.file_name})", meta.width, meta.height)
+                if problem is not None:
+                    corrupt += 1
+                    stats.problems.append(_describe(problem))
             n += 1
             boxes += meta.num_boxes
             _accumulate(stats, meta)
         corrupt += len(errors)  # tar-level read errors
+        stats.problems.extend(f"read error: {url}: {e}" for e in errors)
         want = declared[k] if declared is not None else None
         if want is not None and want != n:
             stats.mismatches.append(f"{url}: index says {want} samples, found {n}")
@@ -143,18 +167,24 @@ def inspect_coco(
     *,
     console: Any | None = None,
     show: bool = True,
+    check_images: bool = True,
+    num_threads: int | None = None,
 ) -> ShardStats:
     """Validate a COCO detection file as ``codetr data convert`` would and print the shard statistics for it.
 
     Nothing is written. The checks and the clipping of boxes are those of the converter
     (:func:`codetr.data.coco.prepare_coco`), so the numbers are what the shards will contain; the converter's
     warnings (dropped or clipped boxes, ...) are listed under the tables. A file the converter would reject
-    raises :class:`~codetr.data.format.DataError` with every problem found.
+    for its annotations raises :class:`~codetr.data.format.DataError` with every problem found. Image files
+    the converter would refuse (undecodable, truncated, unsupported mode, real size != the json's
+    ``width``/``height``) are counted as corrupt and named in ``problems`` (``stats.ok`` is then False).
 
     Args:
         ann_file: COCO json (``images``, ``annotations``, ``categories``).
-        images_dir: folder the ``file_name`` entries are relative to (needed for images without a size).
+        images_dir: folder the ``file_name`` entries are relative to.
         console / show: as :func:`inspect_shards`.
+        check_images: decode every image file as the converter does (``False``: annotations only).
+        num_threads: decoding threads (default ``min(8, cpu count)``).
     """
     from codetr.data.coco import prepare_coco
 
@@ -165,8 +195,15 @@ def inspect_coco(
         meta = SampleMeta(**record.meta)
         boxes += meta.num_boxes
         _accumulate(stats, meta)
+    if check_images and prepared.records:
+        threads = num_threads or min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=threads) as pool:  # PIL decodes with the GIL released
+            found = [p for p in pool.map(_check_file, prepared.records) if p is not None]
+        found.sort(key=lambda p: p.kind != "size")  # size mismatches first, then corrupt (file order kept)
+        stats.problems.extend(_describe(p) for p in found)
+        stats.num_corrupt = len(found)
     stats.shards.append({"url": str(ann_file), "samples": stats.num_samples, "declared": None, "boxes": boxes,
-                         "corrupt": 0})
+                         "corrupt": stats.num_corrupt})
     if show:
         from rich.console import Console
 
@@ -175,6 +212,19 @@ def inspect_coco(
         for w in prepared.warnings:
             console.print(f"[yellow]convert would warn:[/yellow] {w}")
     return stats
+
+
+def _describe(problem: ImageProblem) -> str:
+    return f"{'size mismatch' if problem.kind == 'size' else 'corrupt'}: {problem}"
+
+
+def _check_file(record: Any) -> ImageProblem | None:
+    try:
+        with open(record.path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        return ImageProblem(record.path, "corrupt", f"cannot read image file ({exc})")
+    return check_image(data, record.path, int(record.meta["width"]), int(record.meta["height"]))
 
 
 def _accumulate(stats: ShardStats, meta: SampleMeta) -> None:
@@ -199,6 +249,7 @@ def _accumulate(stats: ShardStats, meta: SampleMeta) -> None:
 
 def _print(stats: ShardStats, console: Any | None, source: str = "shard") -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
@@ -249,6 +300,10 @@ def _print(stats: ShardStats, console: Any | None, source: str = "shard") -> Non
     console.print(c)
     for m in stats.mismatches:
         console.print(f"[red]mismatch:[/red] {m}")
+    for p in stats.problems[:_MAX_PROBLEMS_SHOWN]:
+        console.print(f"[red]{escape(p)}[/red]")
+    if len(stats.problems) > _MAX_PROBLEMS_SHOWN:
+        console.print(f"[red]... ({len(stats.problems) - _MAX_PROBLEMS_SHOWN} more problems)[/red]")
 
 
 def _colour(label: int) -> tuple[int, int, int]:

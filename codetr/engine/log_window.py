@@ -52,6 +52,29 @@ class MetricsLog:
             f.write(json.dumps(record, default=float) + "\n")
 
 
+    def drop_after(self, iteration: int) -> int:
+        """Remove the records of iterations after ``iteration`` (a resumed run replays them, so every
+        iteration keeps one row); atomic rewrite. Returns how many records were dropped."""
+        if not self.enabled or not self.path.is_file():
+            return 0
+        kept, dropped = [], 0
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                it = json.loads(line).get("iteration")
+            except (json.JSONDecodeError, AttributeError):  # a line cut by a kill: the replay rewrites it
+                dropped += 1
+                continue
+            if isinstance(it, int) and it > iteration:
+                dropped += 1
+            else:
+                kept.append(line)
+        if dropped:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+            os.replace(tmp, self.path)
+        return dropped
+
+
 class Window:
     """Sums over the current logging window (per rank)."""
 

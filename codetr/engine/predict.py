@@ -19,6 +19,7 @@ from rich.console import Console
 from torch import nn
 
 from codetr.core.structures import Target
+from codetr.data.decode import load_image_rgb
 from codetr.engine import factories
 from codetr.engine.checkpoint import extract_state_dict, load_checkpoint, load_weights
 from codetr.engine.distributed import resolve_device
@@ -27,7 +28,7 @@ from codetr.engine.visualize import draw_detections
 if TYPE_CHECKING:  # pragma: no cover
     from codetr.core.config.schema import Recipe
 
-__all__ = ["IMAGE_SUFFIXES", "expand_image_paths", "class_info", "predict_images"]
+__all__ = ["IMAGE_SUFFIXES", "expand_image_paths", "class_info", "predict_images", "plan_outputs", "PredictError"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -114,11 +115,16 @@ def predict_images(
     device: str | None = None,
     draw: bool = True,
     console: Console | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Run the detector of ``recipe`` with ``checkpoint`` weights on images (files or folders).
 
     Writes ``<out_dir>/<stem>.json`` and (``draw``) ``<out_dir>/<stem>.png`` per image and returns the
     JSON payloads. ``score_threshold`` filters what is written and drawn (use 0 for COCO-style results).
+
+    Files: every output is planned and checked before the first is written (:func:`plan_outputs`: never an
+    input, never a file an earlier ``predict`` did not write unless ``overwrite``) and written atomically.
+    Inputs that are not readable images are skipped and listed at the end (:class:`PredictError`).
     """
     from codetr.data.collate import Sample, collate
 
@@ -144,12 +150,17 @@ def predict_images(
     names, cat_ids = class_info(recipe, state, num_classes)
     pipeline, size_divisor = _eval_pipeline(recipe)
     out = Path(out_dir)
+    plan = plan_outputs(paths, out, draw, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    used_stems: set[str] = set()
-    for i, path in enumerate(paths):
-        with Image.open(path) as im:
-            image = im.convert("RGB")
+    failed: list[tuple[Path, str]] = []
+    for i, (path, (json_path, png_path)) in enumerate(zip(paths, plan)):
+        try:
+            image = load_image_rgb(path)  # every image mode decoded to 8-bit RGB, or a clear error
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # not an image / truncated / corrupt
+            failed.append((path, f"{type(exc).__name__}: {exc}"))
+            console.print(f"[yellow]skipped[/] {path}: not a readable image ({exc})", highlight=False)
+            continue
         w, h = image.size
         tensor, target = pipeline(image, Target.empty(), random.Random(0))
         batch = collate([Sample(tensor, target, i, (h, w))], size_divisor, getattr(pipeline, "canvas_size", None)).to(dev)
@@ -165,16 +176,74 @@ def predict_images(
                          "category_name": names[lab] if 0 <= lab < len(names) else str(lab)})
         payload = {"image": str(path), "width": w, "height": h, "score_threshold": score_threshold,
                    "num_detections": len(dets), "detections": dets}
-        stem = path.stem
-        if stem in used_stems:  # same file name in two folders
-            stem = f"{stem}_{i}"
-        used_stems.add(stem)
-        (out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-        if draw:
+        _write_json(json_path, payload)
+        if png_path is not None:
             from codetr.core.structures import Detections
 
-            draw_detections(image, Detections(boxes, scores, labels), names).save(out / f"{stem}.png")
+            drawn = draw_detections(image, Detections(boxes, scores, labels), names)
+            tmp = png_path.with_name(png_path.name + ".tmp")
+            drawn.save(tmp, format="PNG")
+            os.replace(tmp, png_path)
+            _remember(out, png_path)
         results.append(payload)
         console.print(f"{path}: {len(dets)} detection(s) >= {score_threshold:g}", highlight=False)
     console.print(f"[green]wrote[/] {len(results)} JSON{' + PNG' if draw else ''} file(s) to {out}")
+    if failed:
+        listing = "\n".join(f"  {p}: {why}" for p, why in failed[:20])
+        more = f"\n  ... and {len(failed) - 20} more" if len(failed) > 20 else ""
+        raise PredictError(f"{len(failed)} of {len(paths)} input file(s) are not readable images and were skipped "
+                           f"(the other {len(results)} were predicted):\n{listing}{more}")
     return results
+
+
+class PredictError(RuntimeError):
+    """Some inputs could not be predicted (listed); the others were written."""
+
+
+#: the files ``predict_images`` wrote into an output folder, one name per line (so a later run may replace
+#: them, and nothing else)
+MANIFEST = ".codetr-predict"
+
+
+def _written(out: Path) -> set[str]:
+    m = out / MANIFEST
+    return set(m.read_text(encoding="utf-8").split("\n")) - {""} if m.is_file() else set()
+
+
+def _remember(out: Path, path: Path) -> None:
+    with open(out / MANIFEST, "a", encoding="utf-8") as f:
+        f.write(path.name + "\n")
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    _remember(path.parent, path)
+
+
+def plan_outputs(paths: Sequence[Path], out: Path, draw: bool, *, overwrite: bool = False
+                 ) -> list[tuple[Path, Path | None]]:
+    """The ``(json, png or None)`` output of every input, checked before anything is written.
+
+    Raises ``FileExistsError`` when an output would replace one of the inputs (``--out`` is an input folder
+    and names collide), or a file in ``out`` that an earlier ``predict`` did not write (unless ``overwrite``).
+    """
+    inputs = {p.resolve() for p in paths}
+    ours = _written(out)
+    plan, used = [], set()
+    for i, p in enumerate(paths):
+        stem = p.stem if p.stem not in used else f"{p.stem}_{i}"  # same file name in two folders
+        used.add(stem)
+        plan.append((out / f"{stem}.json", out / f"{stem}.png" if draw else None))
+    for json_path, png_path in plan:
+        for f in (json_path, png_path):
+            if f is None:
+                continue
+            if f.resolve() in inputs:
+                raise FileExistsError(f"--out {out}: the output {f.name} would replace the input image {f}; "
+                                      "choose an output folder that is not an input folder")
+            if f.exists() and f.name not in ours and not overwrite:
+                raise FileExistsError(f"--out {out}: {f} exists and was not written by codetr predict; nothing "
+                                      "was written. Choose another --out, or pass --overwrite to replace it")
+    return plan

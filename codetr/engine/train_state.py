@@ -141,7 +141,10 @@ def restore(t: "Trainer", path: Path) -> None:
         raise CheckpointError(
             f"{path} is not a training checkpoint (missing {', '.join(missing)}): it holds weights only.\n"
             "  fix: to fine-tune from it set model.init_from (weights only); --resume continues a run")
-    t.model.load_state_dict(state["model"])
+    try:
+        t.model.load_state_dict(state["model"])
+    except RuntimeError as exc:  # size mismatch / missing / unexpected keys: another model
+        raise CheckpointError(_other_model_message(path, state, t, exc)) from None
     try:
         t.optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError) as exc:
@@ -232,3 +235,34 @@ def load_eval_weights(model: nn.Module, path: str | os.PathLike[str], *, console
     else:
         say(f"[green]loaded[/] {len(report.loaded)} tensors from {path}")
 
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _other_model_message(path: Path, state: dict[str, Any], t: "Trainer", exc: RuntimeError) -> str:
+    """Which ``model.*`` recipe fields differ between the checkpoint's run and this one, and what to do."""
+    import yaml
+
+    lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln or "Missing key" in ln
+             or "Unexpected key" in ln]
+    detail = ""
+    try:
+        saved = _flat((yaml.safe_load(state.get("recipe") or "") or {}).get("model") or {}, "model")
+        now = _flat((yaml.safe_load(t.recipe_yaml) or {}).get("model") or {}, "model")
+        diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+                if saved.get(k) != now.get(k)]
+        if diff:
+            detail = ("\n  the recipes differ in " + "; ".join(diff[:8])
+                      + (f" (and {len(diff) - 8} more)" if len(diff) > 8 else ""))
+    except yaml.YAMLError:
+        pass
+    first = f"\n  first mismatch: {lines[0][:200]}" if lines else ""
+    return (f"--resume {path}: the checkpoint holds a different model than this recipe builds{detail}{first}\n"
+            "  fix: --resume continues the same run (same recipe); to start a new training from these weights "
+            f"set model.init_from: {path} (shape-aware: tensors that do not fit are skipped and reported)")

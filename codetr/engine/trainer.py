@@ -56,7 +56,6 @@ from codetr.engine import train_state
 from codetr.engine.checkpoint import (
     checkpoint_name,
     init_from,
-    latest_checkpoint,
     prune_checkpoints,
     recipe_sha256,
     restore_rng_state,
@@ -74,6 +73,7 @@ from codetr.engine.optim import (
 )
 from codetr.engine.precision import amp_dtype, configure_determinism
 from codetr.engine.rng import seed_all
+from codetr.engine.run_dir import claim_output_dir
 from codetr.engine.step_health import GroupResult, StepHealth
 from codetr.engine.validation import evaluate_detector, make_evaluator
 
@@ -98,6 +98,8 @@ class Trainer:
             directory if there is one, else a fresh run). Restores the *full* training state. For
             fine-tuning from other weights use ``model.init_from`` instead (weights only).
         output_dir: overrides ``runtime.output_dir`` (default ``runs/<recipe name>``).
+        overwrite: a fresh run into an output dir that holds an earlier run moves the earlier files aside
+            (:mod:`codetr.engine.run_dir`); without it (and without ``resume``) such a run is refused.
         weights: weights-only load after building (``codetr eval --checkpoint``); shape-aware, reported.
         train: build the training side (train loader, optimizer, schedule). ``False`` for evaluation only.
         model_factory: ``model_cfg -> Detector``; default :func:`codetr.assembly.build_detector`.
@@ -121,6 +123,7 @@ class Trainer:
         loader_factory: Callable[..., Any] | None = None,
         console: Console | None = None,
         progress: bool = True,
+        overwrite: bool = False,
     ):
         self.recipe = recipe
         self.for_training = train
@@ -170,9 +173,9 @@ class Trainer:
         # -- weights-only initialisation ------------------------------------------------------------
         resume_path = (train_state.resolve_resume(resume, self.output_dir, is_main=self.is_main, say=self.say)
                        if train else None)
-        if train and resume_path is None and latest_checkpoint(self.output_dir) is not None:
-            self.say(f"[yellow]warning:[/] {self.ckpt_dir} already holds checkpoints of an earlier run; this fresh run "
-                     "will overwrite them (use --resume auto to continue it, or another --output-dir)")
+        if train and resume_path is None:  # a fresh run never writes over an earlier one unasked
+            claim_output_dir(self.output_dir, resume_auto=str(resume) == "auto", overwrite=overwrite,
+                             is_main=self.is_main, say=self.say)
         if weights is not None:
             train_state.load_eval_weights(self.model, weights, console=self.console, is_main=self.is_main,
                                           say=self.say)
@@ -290,6 +293,7 @@ class Trainer:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "recipe.yaml").write_text(self.recipe_yaml, encoding="utf-8")
+            self.log.drop_after(self.iteration)  # resumed: the iterations after the checkpoint are replayed
             self.log.write({"type": "start", "iteration": self.iteration, "total_iterations": self.total_iters,
                             "world_size": self.world_size, "effective_batch": self.effective_batch,
                             "precision": self.precision, "device": str(self.device),

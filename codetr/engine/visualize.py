@@ -30,8 +30,9 @@ def class_color(label: int) -> tuple[int, int, int]:
 def to_pil(image: Image.Image | np.ndarray | torch.Tensor | str | Path) -> Image.Image:
     """A path, PIL image, HWC uint8 array or CHW tensor in [0, 1] / [0, 255] -> RGB PIL image (a copy)."""
     if isinstance(image, (str, Path)):
-        with Image.open(image) as im:
-            return im.convert("RGB")
+        from codetr.data.decode import load_image_rgb
+
+        return load_image_rgb(image)
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, torch.Tensor):

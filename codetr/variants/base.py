@@ -159,6 +159,11 @@ class DeformableVariant(DETRVariant):
             nn.init.xavier_uniform_(self.enc_output.weight)
 
     # ------------------------------------------------------------------ heads
+    @property
+    def min_tokens(self) -> int:
+        """Two-stage variants select ``num_proposals`` encoder tokens, so they need at least that many."""
+        return self.num_proposals if self.two_stage else 0
+
     def class_head(self, index: int) -> nn.Linear:
         """Class head of decoder layer ``index`` (``num_decoder_layers`` = the two-stage encoder head)."""
         return self.class_heads[0 if self.share_heads else index]

@@ -157,23 +157,31 @@ def test_rank_is_resolved_once_in_the_main_process(shard_dir, monkeypatch):
 
 
 def _corrupt_set(kit, tmp_path):
-    """6 images in 3 shards; image 2 is a truncated PNG, the json of image 5 is garbage."""
+    """6 images in 3 shards; image 2 is a truncated PNG, the json of image 5 is garbage.
+
+    Both are damaged inside the shards after conversion (the converter refuses a truncated image).
+    """
     images = [kit.img(i, 32, 24) for i in range(1, 7)]
     anns = [kit.ann(i, i, [2, 2, 10, 10]) for i in range(1, 7)]
     ann, d = kit.write_coco(tmp_path, images, anns)
-    good = (d / "im2.png").read_bytes()
-    (d / "im2.png").write_bytes(good[: len(good) // 2])
     out = tmp_path / "shards"
     convert_coco(ann, d, out, shard_size=2, num_workers=0, progress=False, verbose=False)
-    shard = out / "shard-000002.tar"
-    with tarfile.open(shard) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for m, data in members:
-            if m.name.startswith("000000000005") and m.name.endswith(".json"):
-                data = b"{broken json"
+
+    def damage(name: str, data: bytes) -> bytes:
+        if name.startswith("000000000002") and name.endswith(".png"):
+            return data[: len(data) // 2]
+        if name.startswith("000000000005") and name.endswith(".json"):
+            return b"{broken json"
+        return data
+
+    for shard in (out / "shard-000000.tar", out / "shard-000002.tar"):
+        with tarfile.open(shard) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for m, data in members:
+                data = damage(m.name, data)
                 m.size = len(data)
-            tar.addfile(m, io.BytesIO(data))
+                tar.addfile(m, io.BytesIO(data))
     return out
 
 

@@ -34,11 +34,44 @@ __all__ = ["CategoryReader", "parse_recipe", "parse_recipe_dict", "apply_overrid
 
 
 # --------------------------------------------------------------------------- YAML + base
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping names the same key twice (YAML would silently keep the last)."""
+
+    def __init__(self, key: Any, first: yaml.Mark, second: yaml.Mark) -> None:
+        super().__init__(None, None, f"duplicate key {key!r} (first at line {first.line + 1}, again at line "
+                         f"{second.line + 1}); YAML would silently keep the last one: remove one of them", second)
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects duplicate mapping keys (merge keys ``<<`` keep YAML's override rule)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # unhashable key: let SafeLoader report it
+                continue
+            if first is not None:
+                raise DuplicateKeyError(key, first, key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text like ``yaml.safe_load`` but reject duplicate keys (:class:`DuplicateKeyError`)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(str(path), [RecipeIssue("", "file not found (check the path; recipes live in recipes/)")])
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -96,7 +129,9 @@ def parse_override(text: str) -> tuple[list[str | int], Any]:
         raise ValueError(f"override {text!r} must look like key.path=value")
     key, value = text.split("=", 1)
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = load_yaml(value) if value.strip() else ""
+    except DuplicateKeyError as exc:
+        raise ValueError(f"override {text!r}: {exc.problem}") from None
     except yaml.YAMLError:
         parsed = value
     return _split_path(key.strip()), parsed

@@ -1,0 +1,189 @@
+"""Robustness of what codetr writes and reads around a run: earlier runs are never overwritten unasked,
+predict never writes over inputs or foreign files, duplicate YAML keys are refused, a resume of another
+model says which recipe fields differ, metrics keep one row per iteration, SIGTERM has its own exit code."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from codetr.core.config import RecipeError
+from codetr.engine.checkpoint import CheckpointError
+from codetr.engine.errors import TrainingError
+from codetr.engine.trainer import Trainer
+from tests.engine.conftest import FakeDetector, make_recipe, quiet_console, recipe_dict
+
+runner = CliRunner()
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _trainer(recipe, out, **kw):
+    return Trainer(recipe, output_dir=out, model_factory=lambda cfg: FakeDetector(cfg.num_classes),
+                   console=quiet_console(), progress=False, **kw)
+
+
+@pytest.fixture
+def app(monkeypatch):
+    from codetr.assembly import load_recipe
+    from codetr.cli import train_cmd
+    import codetr.engine.factories as factories_mod
+
+    monkeypatch.setattr(factories_mod, "default_model_factory", lambda cfg: FakeDetector(cfg.num_classes))
+    monkeypatch.setattr(train_cmd, "load", lambda r, s=None, read_data=True: load_recipe(r, s or [], read_data=False))
+    a = typer.Typer()
+    train_cmd.register(a)
+    return a
+
+
+# --------------------------------------------------------------------------- earlier runs
+def test_fresh_run_into_an_earlier_run_is_refused_then_moved_aside(synth_data, tmp_path):
+    out = tmp_path / "run"
+    recipe = make_recipe(synth_data, out, schedule={"iterations": 2})
+    _trainer(recipe, out).fit()
+    (out / "notes.txt").write_text("mine")  # a user's file in the run folder
+    before = _digest(out)
+    with pytest.raises(TrainingError) as exc:
+        _trainer(recipe, out)
+    msg = str(exc.value)
+    assert str(out) in msg and "--resume auto" in msg and "--overwrite" in msg and "checkpoints" in msg
+    assert _digest(out) == before  # nothing touched
+    _trainer(recipe, out, overwrite=True).fit()
+    moved = [p for p in out.iterdir() if p.name.startswith("replaced-")]
+    assert len(moved) == 1
+    assert {k.split("/", 1)[1] for k in _digest(out) if k.startswith("replaced-")} == \
+        {k for k in before if k != "notes.txt"}  # the whole earlier run, byte for byte
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_cli_train_refuses_and_overwrite_flag(app, synth_data, tmp_path):
+    out = tmp_path / "run"
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(synth_data, out, schedule={"iterations": 2})))
+    assert runner.invoke(app, ["train", str(path)]).exit_code == 0
+    res = runner.invoke(app, ["train", str(path)])
+    assert res.exit_code == 1 and "already holds a training run" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["train", str(path), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert any(p.name.startswith("replaced-") for p in out.iterdir())
+
+
+def test_preempted_run_exits_75(app, synth_data, tmp_path, monkeypatch):
+    from codetr.cli.train_cmd import PREEMPTED_EXIT_CODE
+    from codetr.engine.trainer import FitResult
+
+    monkeypatch.setattr(Trainer, "fit", lambda self: FitResult(iteration=1, epoch=0, status="preempted"))
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(synth_data, tmp_path / "run")))
+    res = runner.invoke(app, ["train", str(path)])
+    assert res.exit_code == PREEMPTED_EXIT_CODE == 75 and "--resume auto" in res.output.splitlines()[-1]
+
+
+def test_resume_keeps_one_metrics_row_per_iteration(synth_data, tmp_path):
+    out = tmp_path / "run"
+    recipe = make_recipe(synth_data, out, schedule={"iterations": 6},
+                         runtime={"checkpoint_period": 2, "keep_last": 10, "log_period": 1})
+    _trainer(recipe, out).fit()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
+    at2 = next(p for p in (out / "checkpoints").glob("*.pt") if torch.load(p, weights_only=False)["iteration"] == 2)
+    _trainer(recipe, out, resume=at2).fit()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_from_another_model_names_the_fields(synth_data, tmp_path):
+    out = tmp_path / "run"
+    _trainer(make_recipe(synth_data, out, schedule={"iterations": 2}), out).fit()
+    other = make_recipe(synth_data, out, schedule={"iterations": 4}, model={"num_classes": 3})
+    with pytest.raises(CheckpointError) as exc:
+        _trainer(other, out, resume="auto")
+    msg = str(exc.value)
+    assert "different model" in msg and "model.num_classes: 6 -> 3" in msg and "init_from" in msg
+
+
+# --------------------------------------------------------------------------- predict
+def _images(folder: Path, n: int = 2) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = folder / f"img{i}.png"
+        Image.new("RGB", (64, 48), (40 * i, 90, 160)).save(p)
+        paths.append(p)
+    return paths
+
+
+def _predict_recipe(synth, tmp_path) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(synth, tmp_path / "run")))
+    return path
+
+
+def test_predict_never_writes_over_inputs_or_foreign_files(app, synth_data, tmp_path):
+    recipe = _predict_recipe(synth_data, tmp_path)
+    imgs = tmp_path / "imgs"
+    _images(imgs)
+    Image.new("RGB", (64, 48)).save(imgs / "img0.jpg")  # img0.png would be written over... by img0.jpg's output
+    (imgs / "img1.json").write_text('{"mine": true}')  # a user's json of the same stem
+    before = _digest(imgs)
+    res = runner.invoke(app, ["predict", str(recipe), str(imgs), "--out", str(imgs), "--score-threshold", "0"])
+    assert res.exit_code == 1 and "input image" in res.output and "Traceback" not in res.output
+    assert _digest(imgs) == before
+    out = tmp_path / "preds"
+    out.mkdir()
+    (out / "img1.json").write_text("user file")
+    res = runner.invoke(app, ["predict", str(recipe), str(imgs / "img1.png"), "--out", str(out)])
+    assert res.exit_code == 1 and "was not written by codetr predict" in res.output
+    assert (out / "img1.json").read_text() == "user file"
+    res = runner.invoke(app, ["predict", str(recipe), str(imgs / "img1.png"), "--out", str(out), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["predict", str(recipe), str(imgs / "img1.png"), "--out", str(out)])
+    assert res.exit_code == 0, res.output  # its own earlier outputs may be replaced
+    assert _digest(imgs) == before
+
+
+def test_predict_skips_and_lists_unreadable_files(app, synth_data, tmp_path):
+    recipe = _predict_recipe(synth_data, tmp_path)
+    imgs = tmp_path / "imgs"
+    _images(imgs, 2)
+    (imgs / "notes.png").write_text("not an image")
+    good = imgs / "img0.png"
+    (imgs / "cut.png").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    out = tmp_path / "preds"
+    res = runner.invoke(app, ["predict", str(recipe), str(imgs), "--out", str(out), "--score-threshold", "0"])
+    assert res.exit_code == 1 and "2 of 4 input file(s)" in res.output
+    assert "notes.png" in res.output and "cut.png" in res.output and "Traceback" not in res.output
+    assert sorted(p.name for p in out.glob("*.json")) == ["img0.json", "img1.json"]
+
+
+# --------------------------------------------------------------------------- recipes
+def test_duplicate_yaml_keys_are_refused_with_both_lines(tmp_path):
+    from codetr.core.config.loader import parse_override, parse_recipe
+
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: x\nmodel:\n  num_queries: 10\n  hidden_dim: 64\n  num_queries: 20\n")
+    with pytest.raises(RecipeError) as exc:
+        parse_recipe(path)
+    assert "duplicate key 'num_queries' (first at line 3, again at line 5)" in str(exc.value)
+    with pytest.raises(ValueError, match="duplicate key 'type'"):
+        parse_override("model.variant={type: dino, type: x}")
+    # YAML merge keys keep their meaning
+    assert parse_override("a={<<: {b: 1}, b: 2}")[1] == {"b": 2}
+
+
+def test_error_messages_keep_brackets(capsys):
+    from codetr.cli.common import fail
+
+    fail("bbox must be [x, y, width, height], got [1]")
+    assert "[x, y, width, height]" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import typer
 from rich.console import Console
@@ -46,3 +46,16 @@ def load(recipe: Path, overrides: list[str] | None, read_data: bool = True):
     from codetr.assembly import load_recipe
 
     return load_recipe(recipe, overrides or [], read_data=read_data)
+
+
+def check_output_file(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
+    """The rule for a command that writes one file: never one of its inputs; an existing file only with
+    ``--overwrite``. Raises ``typer.Exit`` (a red message, exit code 1) before any work is done."""
+    target = Path(out).resolve()
+    for p in inputs:
+        if Path(p).resolve() == target:
+            raise fail(f"--out {out} is the input {p}; write the result to another file")
+    if target.exists() and not overwrite:
+        raise fail(f"--out {out} exists; choose another file or pass --overwrite to replace it")
+    if target.is_dir():
+        raise fail(f"--out {out} is a directory; give a file name")

@@ -9,7 +9,7 @@ import torch
 import typer
 from rich.table import Table
 
-from codetr.cli.common import SET_HELP, console, fail, load, user_errors
+from codetr.cli.common import SET_HELP, check_output_file, console, fail, load, user_errors
 
 FORMATS = ("sense-x", "mmdet3")
 
@@ -80,6 +80,7 @@ def convert(
     allow_unmatched: Annotated[bool, typer.Option(help="Do not fail on official keys without a counterpart.")] = False,
     trust_checkpoint: Annotated[bool, typer.Option(help="Allow full unpickling (only for files you trust).")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help=SET_HELP)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
 ) -> None:
     """Convert an official Co-DETR / DETR checkpoint into a codetr checkpoint, with a key-by-key report.
 
@@ -92,6 +93,7 @@ def convert(
 
     if fmt not in FORMATS:
         raise fail(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    check_output_file(out, [recipe, checkpoint], overwrite)
     with user_errors():
         resolved = load(recipe, list(set_ or []) + ["model.backbone.weights=null"], read_data=False)
         source = _read_official(checkpoint, trust_checkpoint)
@@ -128,10 +130,12 @@ def export_weights(
     checkpoint: Annotated[Path, typer.Argument(help="codetr checkpoint (training or model_final).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output file.")],
     inference_only: Annotated[bool, typer.Option(help="Drop the training-only Co-DETR branch (aux heads, adapter, query encoder).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
 ) -> None:
     """Write the model weights of a checkpoint (no optimizer/RNG state), optionally inference-only."""
     from codetr.engine.checkpoint import base_state, extract_state_dict, load_checkpoint, save_checkpoint
 
+    check_output_file(out, [checkpoint], overwrite)
     with user_errors():
         obj = load_checkpoint(checkpoint)
         sd = extract_state_dict(obj)

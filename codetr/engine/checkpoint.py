@@ -145,6 +145,34 @@ def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     return None
 
 
+def readable_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Cheap integrity check of a checkpoint file: a complete torch zip archive (its central directory sits
+    at the end, so a file cut short by a crash or a full disk fails here without being unpickled)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return bool(z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def latest_readable_checkpoint(directory: str | os.PathLike[str]) -> tuple[Path | None, list[Path]]:
+    """The newest periodic checkpoint that passes :func:`readable_checkpoint`, and the newer unreadable ones
+    it skipped (newest first), for ``--resume auto``."""
+    d = Path(directory)
+    skipped: list[Path] = []
+    for cand in (d / "checkpoints", d):
+        found = periodic_checkpoints(cand)
+        for _, path in reversed(found):
+            if readable_checkpoint(path):
+                return path, skipped
+            skipped.append(path)
+        if found:
+            return None, skipped
+    return None, skipped
+
+
 def prune_checkpoints(directory: str | os.PathLike[str], keep_last: int) -> list[Path]:
     """Delete all but the newest ``keep_last`` periodic checkpoints; returns the deleted paths."""
     found = periodic_checkpoints(directory)

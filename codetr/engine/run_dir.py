@@ -18,7 +18,7 @@ from pathlib import Path
 from codetr.engine import distributed as du
 from codetr.engine.errors import TrainingError
 
-__all__ = ["RUN_FILES", "earlier_run_files", "claim_output_dir"]
+__all__ = ["RUN_FILES", "earlier_run_files", "claim_output_dir", "ensure_output_dir"]
 
 #: what a training run writes into its output directory (and so what marks an earlier run)
 RUN_FILES = ("checkpoints", "metrics.jsonl", "bad_steps.jsonl", "recipe.yaml")
@@ -63,3 +63,18 @@ def claim_output_dir(output_dir: Path, *, resume_auto: bool, overwrite: bool, is
     du.barrier()
     say(f"[yellow]note:[/] the earlier run's files in {output_dir} ({names}) were moved to {dest}")
     return dest
+
+
+def ensure_output_dir(output_dir: Path, *, is_main: bool) -> None:
+    """Create ``output_dir`` (rank 0) before any work, or fail naming it as the output directory."""
+    if not is_main:
+        return
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".codetr-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise TrainingError(f"--output-dir {output_dir}: cannot create or write the output directory "
+                            f"({exc.strerror or exc}); choose a writable location with --output-dir "
+                            "(or runtime.output_dir in the recipe)") from None

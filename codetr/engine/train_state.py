@@ -29,7 +29,7 @@ from codetr.engine.checkpoint import (
     base_state,
     capture_rng_state,
     extract_state_dict,
-    latest_checkpoint,
+    latest_readable_checkpoint,
     load_checkpoint,
     load_weights,
 )
@@ -202,8 +202,11 @@ def resolve_resume(resume: str | os.PathLike[str] | None, output_dir: Path, *, i
     if resume is None:
         return None
     if str(resume) == "auto":
-        found = latest_checkpoint(output_dir) if is_main else None
+        found, skipped = latest_readable_checkpoint(output_dir) if is_main else (None, [])
         found = du.broadcast_object(None if found is None else str(found))
+        for bad in skipped:
+            say(f"[yellow]warning:[/] --resume auto: {bad} is unreadable (cut short by a crash or a full disk?); "
+                f"{'falling back to an older checkpoint' if found else 'no older one left'} (the file is kept)")
         if found is None:
             say(f"[dim]--resume auto: no checkpoint in {output_dir / 'checkpoints'}, starting a fresh run[/]")
             return None

@@ -73,7 +73,7 @@ from codetr.engine.optim import (
 )
 from codetr.engine.precision import amp_dtype, configure_determinism
 from codetr.engine.rng import seed_all
-from codetr.engine.run_dir import claim_output_dir
+from codetr.engine.run_dir import claim_output_dir, ensure_output_dir
 from codetr.engine.step_health import GroupResult, StepHealth
 from codetr.engine.validation import evaluate_detector, make_evaluator
 
@@ -173,6 +173,8 @@ class Trainer:
         # -- weights-only initialisation ------------------------------------------------------------
         resume_path = (train_state.resolve_resume(resume, self.output_dir, is_main=self.is_main, say=self.say)
                        if train else None)
+        if train:
+            ensure_output_dir(self.output_dir, is_main=self.is_main)
         if train and resume_path is None:  # a fresh run never writes over an earlier one unasked
             claim_output_dir(self.output_dir, resume_auto=str(resume) == "auto", overwrite=overwrite,
                              is_main=self.is_main, say=self.say)

@@ -224,6 +224,14 @@ def load_coco_results(predictions: Any, gt: dict, source: str = "predictions") -
         if missing:
             raise _err(source, f"entry [{i}] has no {', '.join(missing)} (keys: {sorted(r)})",
                        "each entry must be {image_id, category_id, bbox: [x, y, w, h], score}")
+        for key in ("image_id", "category_id"):
+            if not _is_int(r[key]):
+                raise _err(source, f"entry [{i}] {key}={r[key]!r} is a {type(r[key]).__name__}, not an integer",
+                           f"write {key} as the integer id of the annotation file (no quotes)")
+        score = r["score"]
+        if not isinstance(score, (int, float)) or isinstance(score, bool):
+            raise _err(source, f"entry [{i}] score={score!r} is a {type(score).__name__}, not a number",
+                       "write score as a number in [0, 1] (no quotes)")
         bbox = r["bbox"]
         if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):

@@ -187,3 +187,61 @@ def test_error_messages_keep_brackets(capsys):
 
     fail("bbox must be [x, y, width, height], got [1]")
     assert "[x, y, width, height]" in capsys.readouterr().err
+
+
+def test_resume_auto_skips_a_truncated_newest_checkpoint(synth_data, tmp_path):
+    out = tmp_path / "run"
+    recipe = make_recipe(synth_data, out, schedule={"iterations": 4},
+                         runtime={"checkpoint_period": 2, "keep_last": 10})
+    _trainer(recipe, out).fit()
+    newest = sorted((out / "checkpoints").glob("iter_*.pt"))[-1]
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])  # a crash / full disk mid-write of a non-atomic copy
+    console = quiet_console()
+    t = Trainer(recipe, output_dir=out, resume="auto", model_factory=lambda cfg: FakeDetector(cfg.num_classes),
+                console=console, progress=False)
+    text = console.file.getvalue()
+    assert t.iteration == 2 and newest.name in text and "falling back" in text
+    assert newest.is_file()  # kept for the user to look at
+
+
+def test_output_dir_that_cannot_be_created_is_named(synth_data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = blocker / "run"
+    with pytest.raises(TrainingError, match=r"--output-dir .*file/run: cannot create or write the output directory"):
+        _trainer(make_recipe(synth_data, out), out)
+
+
+@pytest.mark.parametrize("entry, needle", [
+    ({"image_id": "1", "category_id": 1, "bbox": [0, 0, 2, 2], "score": 0.5}, "image_id='1' is a str, not an integer"),
+    ({"image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2], "score": "0.5"}, "score='0.5' is a str, not a number"),
+    ({"image_id": 1, "category_id": "cat", "bbox": [0, 0, 2, 2], "score": 0.5}, "category_id='cat' is a str"),
+])
+def test_eval_results_type_errors_say_so(entry, needle):
+    from codetr.evaluation import EvaluationError, load_coco_annotations, load_coco_results
+
+    gt = load_coco_annotations({"images": [{"id": 1, "width": 10, "height": 10}],
+                                "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2]}],
+                                "categories": [{"id": 1, "name": "a"}]})
+    with pytest.raises(EvaluationError) as exc:
+        load_coco_results([entry], gt, "preds.json")
+    assert needle in str(exc.value) and "preds.json" in str(exc.value)
+
+
+def test_single_file_outputs_never_replace_inputs_or_existing_files(tmp_path):
+    from codetr.cli.main import app as main_app
+    from codetr.engine.checkpoint import base_state, save_checkpoint
+
+    ckpt = tmp_path / "model.pt"
+    save_checkpoint(ckpt, base_state(model={"w": torch.ones(2)}))
+    before = _digest(tmp_path)
+    res = runner.invoke(main_app, ["export-weights", str(ckpt), "--out", str(ckpt)])
+    assert res.exit_code == 1 and "is the input" in res.output and _digest(tmp_path) == before
+    (tmp_path / "slim.pt").write_text("mine")
+    res = runner.invoke(main_app, ["export-weights", str(ckpt), "--out", str(tmp_path / "slim.pt")])
+    assert res.exit_code == 1 and "--overwrite" in res.output and (tmp_path / "slim.pt").read_text() == "mine"
+    res = runner.invoke(main_app, ["export-weights", str(ckpt), "--out", str(tmp_path / "slim.pt"), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main_app, ["convert", "recipes/tests/tiny.yaml", str(ckpt), "--out", str(ckpt)])
+    assert res.exit_code == 1 and "is the input" in res.output

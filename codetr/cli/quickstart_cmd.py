@@ -37,7 +37,7 @@ def quickstart(
         if not train_ann.is_file() or not (data_dir / "val" / "annotations.json").is_file():
             console.rule("[bold]1/4 synthetic dataset")
             console.print(f"writing {num_train} training and {num_val} validation images to {data_dir} ...")
-            make_synthetic_splits(data_dir, num_train, num_val, seed)
+            make_synthetic_splits(data_dir, num_train, num_val, seed, overwrite=True)
         else:
             console.print(f"using the synthetic dataset in {data_dir}")
         overrides = [

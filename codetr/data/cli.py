@@ -92,29 +92,36 @@ def synth_cmd(
     val_images: Annotated[int, typer.Option("--val-images", min=0, help="Also write a val split: OUT/train and OUT/val.")] = 0,
     image_format: Annotated[str, typer.Option("--format", help="jpg, png or mixed.")] = "jpg",
     shards: Annotated[bool, typer.Option("--shards", help="Also convert each split to shards (OUT/.../shards).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a synthetic dataset a previous `codetr data "
+                                            "synth` wrote in OUT (other files are never replaced).")] = False,
 ) -> None:
     """Write a deterministic synthetic shapes dataset (COCO json + images).
 
     Six classes (circle, rectangle, triangle, star, cross, ring) with varied sizes, aspect ratios,
     occlusion and cluttered backgrounds. Without --val-images the files go to OUT/annotations.json and
-    OUT/images/; with it, to OUT/train/ and OUT/val/.
+    OUT/images/; with it, to OUT/train/ and OUT/val/. OUT must be new or empty, or hold a previous
+    synthetic dataset (replaced only with --overwrite): synth never writes over a file it did not
+    create, and refuses (exit 1, nothing written) when OUT holds anything else.
     """
-    from codetr.data.synth import make_synthetic, make_synthetic_splits
+    from codetr.data.synth import claim_output_dir, make_synthetic, make_synthetic_splits
 
     if image_format not in ("jpg", "png", "mixed"):
         raise DataError(f"--format must be jpg, png or mixed, got {image_format!r}")
     if val_images > 0:
-        made = make_synthetic_splits(out, num_images, val_images, seed, image_format=image_format)  # type: ignore[arg-type]
+        made = make_synthetic_splits(out, num_images, val_images, seed, image_format=image_format,  # type: ignore[arg-type]
+                                     overwrite=overwrite)
     else:
-        made = {"all": make_synthetic(out, num_images, seed, image_format=image_format)}  # type: ignore[arg-type]
+        made = {"all": make_synthetic(out, num_images, seed, image_format=image_format,  # type: ignore[arg-type]
+                                      overwrite=overwrite)}
     for split, ds in made.items():
         _out.print(f"[green]{split}[/green]: {ds.num_images} images, {ds.num_boxes} boxes -> {ds.ann_file}")
         if shards:
             from codetr.data.convert import convert_coco
 
-            convert_coco(ds.ann_file, ds.images_dir, ds.root / "shards", shard_size=max(1, ds.num_images // 8 or 1),
+            shard_dir = claim_output_dir(ds, "shards")
+            convert_coco(ds.ann_file, ds.images_dir, shard_dir, shard_size=max(1, ds.num_images // 8 or 1),
                          num_workers=0, progress=False, verbose=False, console=_out)
-            _out.print(f"    shards -> {ds.root / 'shards'}")
+            _out.print(f"    shards -> {shard_dir}")
 
 
 @app.command("inspect")

@@ -76,7 +76,11 @@ class CocoFolderDataset(Dataset):
 
 @dataclass
 class _Failed:
+    """A sample that could not be used: corrupt (``what``, skipped and counted) or a :class:`DataError`
+    (``error``: a configuration problem, raised by the main process)."""
+
     what: str
+    error: DataError | None = None
 
 
 class _MapAdapter(Dataset):
@@ -93,7 +97,11 @@ class _MapAdapter(Dataset):
         try:
             sample = self.dataset.load(index, position)
         except CorruptSampleError as exc:
+            if padding:  # a padding copy of a corrupt image: a blank one (the image was counted already)
+                return blank_sample(self.dataset.transform)
             return _Failed(str(exc))
+        except DataError as exc:
+            return _Failed(str(exc), exc)
         return sample.as_padding() if padding else sample
 
 
@@ -109,12 +117,15 @@ class _MapCollate:
         samples = []
         for it in items:
             if isinstance(it, _Failed):
+                if it.error is not None:
+                    return counter.item(None, error=it.error)
                 counter.skip(it.what)
             else:
                 samples.append(it)
+        good = sum(1 for s in samples if s.image_id >= 0)
         if not samples:  # keep the batch count exact
             samples = [blank_sample(self.transform)]
-        return _Item(collate(samples, self.size_divisor, self.pad_to), counter.take())
+        return counter.item(collate(samples, self.size_divisor, self.pad_to), good)
 
 
 class CocoFolderLoader(DetectionLoader):
@@ -167,6 +178,13 @@ class CocoFolderLoader(DetectionLoader):
         while len(out) < nb:
             out.append([(mine[-1], mine[-1], True)])
         return out
+
+    def _distinct_samples(self) -> int | None:
+        return len({idx for batch in self.batches()[self._consumed:] for idx, _, padding in batch if not padding})
+
+    def _corrupt_hint(self) -> str:
+        return (f"check them with `codetr data inspect {self.info.source}` and replace or remove the unreadable "
+                "image files")
 
     def _items(self, skip: int) -> Iterable[_Item]:
         self.dataset.epoch = self.epoch

@@ -43,9 +43,17 @@ Distributed semantics (streaming)
   one of its images, or a blank image, with ``image_id == -1``; see :mod:`codetr.data.collate`). Drop
   predictions for negative image ids before gathering. The last batch of each worker may be partial.
 * **Corrupt data** (unreadable tar members, undecodable images, bad json, wrong image size) is skipped
-  with a ``RuntimeWarning`` naming the shard and key, and counted: :attr:`DetectionLoader.num_skipped`
-  (total) and :attr:`DetectionLoader.num_skipped_epoch`. It never crashes the run. A worker whose shards
-  yield no usable sample at all raises :class:`~codetr.data.format.DataError` instead of spinning.
+  with a ``RuntimeWarning`` naming the shard and key (or the image file), issued in the main process
+  whatever ``num_workers`` is, and counted: :meth:`DetectionLoader.skip_report` (a
+  :class:`~codetr.data.loader_base.SkipReport`: the epoch's count, the total and the first few
+  offending samples; also :attr:`~DetectionLoader.num_skipped`, :attr:`~DetectionLoader.num_skipped_epoch`,
+  :attr:`~DetectionLoader.skipped_examples`). The data layer prints nothing; the trainer reads the report
+  at the end of each epoch. Skipping never crashes the run, but when *nothing* is usable -- every
+  shard / image a training worker reads, or everything a rank reads in an epoch, is corrupt -- the loader
+  raises :class:`~codetr.data.format.DataError` (source, first offending files, how to check and fix
+  them) instead of spinning or training on blank padding. Errors raised inside DataLoader workers
+  (:class:`~codetr.data.format.DataError`) are handed to the main process as data and raised there with
+  their own message, exactly as with ``num_workers=0``.
 
 Resuming
 --------
@@ -155,7 +163,7 @@ def build_loader(
         A :class:`DetectionLoader` (``ShardLoader`` or ``CocoFolderLoader``): iterate for ``Batch`` es;
         ``len()`` is the exact number of batches per epoch on every rank; ``.info.num_classes`` and
         ``.info.label_to_category_id`` give the class mapping; ``set_epoch``, ``state_dict``,
-        ``load_state_dict``, ``num_skipped``.
+        ``load_state_dict``, ``skip_report()`` (corrupt samples skipped per epoch and in total).
     """
     if not isinstance(cfg, DataSourceConfig):
         cfg = DataSourceConfig.model_validate(cfg)

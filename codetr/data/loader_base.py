@@ -19,7 +19,7 @@ from codetr.core.structures import Batch
 from codetr.data.format import DataError
 from codetr.data.shards import DatasetInfo, resolve_rank_world
 
-__all__ = ["LoaderOptions", "DetectionLoader"]
+__all__ = ["LoaderOptions", "DetectionLoader", "SkipReport"]
 
 _STATE_VERSION = 1
 
@@ -72,13 +72,29 @@ class LoaderOptions:
 # worker -> main process
 # ----------------------------------------------------------------------------------------------
 
+#: How many skipped samples a :class:`SkipReport` names (the count is always complete).
+MAX_SKIP_EXAMPLES = 5
+
 
 @dataclass
 class _Item:
-    """What workers send to the main process: a batch (or ``None``) + samples skipped since the last item."""
+    """What workers send to the main process (the same objects flow with ``num_workers=0``).
+
+    ``batch`` (or ``None``), ``good`` (real samples in it), ``failed`` (one description per corrupt sample
+    skipped since the previous item, ``where`` names the worker) and ``error``: a :class:`DataError`
+    raised inside a worker, handed over as data so that the main process raises it with its own clean
+    message instead of torch's "Caught DataError in DataLoader worker process" traceback.
+    """
 
     batch: Batch | None
-    skipped: int = 0
+    failed: tuple[str, ...] = ()
+    good: int = 0
+    where: str = ""
+    error: DataError | None = None
+
+    @property
+    def skipped(self) -> int:
+        return len(self.failed)
 
     def pin_memory(self) -> "_Item":
         if self.batch is None:
@@ -93,28 +109,75 @@ class _Item:
                 orig_sizes=b.orig_sizes,
                 image_ids=b.image_ids,
             ),
-            self.skipped,
+            self.failed,
+            self.good,
+            self.where,
+            self.error,
         )
 
 
 class _SkipCounter:
-    """Counts and warns about skipped corrupt data inside a worker; doubles as a webdataset handler."""
+    """Collects skipped corrupt data inside a worker; doubles as a webdataset handler.
+
+    It does not warn: the descriptions travel to the main process in :attr:`_Item.failed`, which warns
+    (one ``RuntimeWarning`` per sample, in the main process, whatever ``num_workers`` is) and counts.
+    ``quiet=True`` (a worker that shares its shards with others, see ``WorkerPlan.stride``) drops
+    tar-level errors, which the worker with offset 0 reports, so they are counted once.
+    """
 
     def __init__(self, where: str):
         self.where = where
-        self.pending = 0
+        self.pending: list[str] = []
 
     def skip(self, what: str) -> None:
-        self.pending += 1
-        warnings.warn(f"codetr.data ({self.where}): skipped corrupt sample: {what}", RuntimeWarning, stacklevel=2)
+        self.pending.append(what)
 
     def __call__(self, exn: Exception) -> bool:
-        self.skip(f"{type(exn).__name__}: {exn}")
+        args = exn.args
+        if len(args) >= 2 and isinstance(args[-1], str) and args[-1]:  # webdataset: (message, stream, url)
+            self.skip(f"{args[-1]}: unreadable tar data ({type(exn).__name__}: {args[0]})")
+        else:
+            self.skip(f"{type(exn).__name__}: {exn}")
         return True
 
-    def take(self) -> int:
-        n, self.pending = self.pending, 0
-        return n
+    def take(self) -> tuple[str, ...]:
+        out, self.pending = tuple(self.pending), []
+        return out
+
+    def item(self, batch: Batch | None, good: int = 0, error: DataError | None = None) -> _Item:
+        """An :class:`_Item` carrying ``batch`` and the samples skipped since the previous one."""
+        return _Item(batch, self.take(), good, self.where, error)
+
+
+@dataclass(frozen=True)
+class SkipReport:
+    """Corrupt samples a loader skipped: see :meth:`DetectionLoader.skip_report`.
+
+    Attributes:
+        epoch: the epoch the counts are about (the current one while iterating, else the last one).
+        count: samples skipped in that epoch (every skip counts: a corrupt sample read again when
+            training wraps around is counted again).
+        total: samples skipped since the loader was built (all epochs, all workers).
+        examples: the first :data:`MAX_SKIP_EXAMPLES` distinct skipped samples of that epoch, each
+            ``"<shard url>:<key>: <reason>"`` or ``"<image file>: <reason>"``.
+    """
+
+    epoch: int
+    count: int
+    total: int
+    examples: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def message(self) -> str:
+        """One line for the console, e.g. ``2 corrupt samples skipped in epoch 3 (5 since the start): ...``."""
+        if not self.count:
+            return f"no corrupt sample skipped in epoch {self.epoch}"
+        more = f" (+{self.count - len(self.examples)} more)" if self.count > len(self.examples) else ""
+        noun = "sample" if self.count == 1 else "samples"
+        return (f"{self.count} corrupt {noun} skipped in epoch {self.epoch} ({self.total} since the start): "
+                + "; ".join(self.examples) + more)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,6 +213,10 @@ class DetectionLoader:
         self._resume_skip = 0
         self._num_skipped = 0
         self._num_skipped_epoch = 0
+        self._skip_epoch = 0  # the epoch the *_epoch counters are about
+        self._skip_examples: list[str] = []
+        self._good_epoch = 0  # real samples handed out in the current/last epoch
+        self._bad_before_good: set[str] = set()  # distinct skipped samples while no good one was seen
         self._warned: set[str] = set()
 
     # -- to implement ----------------------------------------------------------------------------
@@ -158,6 +225,15 @@ class DetectionLoader:
 
     def __len__(self) -> int:
         raise NotImplementedError
+
+    def _distinct_samples(self) -> int | None:
+        """Distinct samples this rank reads in the epoch being iterated, when the main process knows it
+        (then "all of them were corrupt" is detected as soon as it is certain); ``None``: only at the end."""
+        return None
+
+    def _corrupt_hint(self) -> str:
+        """How to find and fix corrupt data of this source (the end of the "no usable sample" error)."""
+        return "check the data with `codetr data inspect`"
 
     # -- common ---------------------------------------------------------------------------------
     @property
@@ -169,6 +245,21 @@ class DetectionLoader:
     def num_skipped_epoch(self) -> int:
         """Corrupt samples skipped in the current/last epoch."""
         return self._num_skipped_epoch
+
+    @property
+    def skipped_examples(self) -> tuple[str, ...]:
+        """The first few distinct corrupt samples skipped in the current/last epoch (see :class:`SkipReport`)."""
+        return tuple(self._skip_examples)
+
+    def skip_report(self) -> SkipReport:
+        """Corrupt samples skipped in the current/last epoch and since the loader was built.
+
+        Read it after an epoch's iteration ended (the counters of an epoch are reset when the next one
+        starts); ``report.count`` is the epoch's count, ``report.message()`` a line for the console. The
+        data layer itself prints nothing: it only warns (``RuntimeWarning``, in the main process) once
+        per skipped sample.
+        """
+        return SkipReport(self._skip_epoch, self._num_skipped_epoch, self._num_skipped, tuple(self._skip_examples))
 
     @property
     def batches_consumed(self) -> int:
@@ -207,17 +298,47 @@ class DetectionLoader:
     def __iter__(self) -> Iterator[Batch]:
         skip, self._resume_skip = self._resume_skip, 0
         self._consumed = skip
-        self._num_skipped_epoch = 0
-        for item in self._items(skip):
-            if item.skipped:
-                self._num_skipped += item.skipped
-                self._num_skipped_epoch += item.skipped
-            if item.batch is None:
-                continue
-            self._consumed += 1
-            yield item.batch
+        self._skip_epoch, self._num_skipped_epoch, self._skip_examples = self.epoch, 0, []
+        self._good_epoch, self._bad_before_good = 0, set()
+        distinct = self._distinct_samples()
+        items: Any = iter(self._items(skip))
+        try:
+            for item in items:
+                self._account(item, distinct)
+                if item.batch is None:
+                    continue
+                self._consumed += 1
+                yield item.batch
+        finally:
+            items = None  # shut the DataLoader's workers down now, also when an error propagates
+        if self._good_epoch == 0 and self._num_skipped_epoch > 0:
+            raise self._no_usable_sample()
         self.epoch += 1
         self._consumed = 0
+
+    def _account(self, item: _Item, distinct: int | None) -> None:
+        """Main-process side of an :class:`_Item`: raise a worker's error, warn about and count skips."""
+        for what in item.failed:
+            warnings.warn(f"codetr.data ({item.where}): skipped corrupt sample: {what}", RuntimeWarning, stacklevel=3)
+            if len(self._skip_examples) < MAX_SKIP_EXAMPLES and what not in self._skip_examples:
+                self._skip_examples.append(what)
+            if self._good_epoch == 0 and item.good == 0:
+                self._bad_before_good.add(what)
+        self._num_skipped += item.skipped
+        self._num_skipped_epoch += item.skipped
+        self._good_epoch += item.good
+        if item.error is not None:
+            raise item.error
+        if self._good_epoch == 0 and distinct is not None and len(self._bad_before_good) >= distinct:
+            raise self._no_usable_sample()
+
+    def _no_usable_sample(self) -> DataError:
+        first = "; ".join(self._skip_examples[:3])
+        return DataError(
+            f"{self.info.source}: no usable sample: nothing rank {self.rank} read in epoch {self._skip_epoch} could "
+            f"be used ({self._num_skipped_epoch} corrupt sample(s) or unreadable shard(s) skipped; first: {first}); "
+            f"{self._corrupt_hint()}"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Position in the data stream (store it in checkpoints)."""

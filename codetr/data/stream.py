@@ -34,6 +34,15 @@ __all__ = ["ShardLoader"]
 # ----------------------------------------------------------------------------------------------
 
 
+def _where(raw: dict[str, Any]) -> str:
+    return f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+
+
+def _ignore_error(exn: Exception) -> bool:
+    """webdataset handler of a worker whose tar-level errors another worker reports (keep reading)."""
+    return True
+
+
 def _buffer_shuffle(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
     """Shuffle a stream through a buffer of ``size`` items (``size <= 1``: no shuffling)."""
     if size <= 1:
@@ -66,7 +75,9 @@ class _ShardStream(IterableDataset):
         pad_to: tuple[int, int] | None,
         num_classes: int | None,
         skip_batches: int,
+        source: str = "",
     ):
+        self.source = source or (urls[0] if urls else "?")
         self.urls = list(urls)
         self.plan = plan
         self.transform = transform
@@ -87,13 +98,15 @@ class _ShardStream(IterableDataset):
         order = list(wp.shards)
         if cycle > 0:
             sample_rng("wrap", self.seed, self.plan.epoch, self.plan.rank, order, cycle).shuffle(order)
-        stream = tarfile_samples(iter([{"url": self.urls[i]} for i in order]), handler=counter)
+        # workers sharing their shards (stride > 1) all see the same tar-level errors: count them once
+        handler = counter if wp.offset == 0 else _ignore_error
+        stream = tarfile_samples(iter([{"url": self.urls[i]} for i in order]), handler=handler)
         for i, raw in enumerate(stream):
             if i % wp.stride == wp.offset:
                 yield raw
 
     def _decode(self, raw: dict[str, Any], cycle: int, counter: _SkipCounter) -> Sample | None:
-        where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+        where = _where(raw)
         try:
             meta, data = parse_shard_sample(raw)
             image = decode_image(data, meta, where)
@@ -120,17 +133,32 @@ class _ShardStream(IterableDataset):
         wp = self.plan.workers[w]
         counter = _SkipCounter(f"rank {self.plan.rank} worker {w}")
         skip = _worker_skip(self.skip_batches, w, W)
-        if self.plan.train:
-            yield from self._iter_train(wp, counter, skip)
-        else:
-            yield from self._iter_eval(wp, counter, skip)
+        try:
+            if self.plan.train:
+                yield from self._iter_train(wp, counter, skip)
+            else:
+                yield from self._iter_eval(wp, counter, skip)
+        except DataError as exc:  # handed over as data: the main process raises it (see DetectionLoader)
+            yield counter.item(None, error=exc)
+            return
         if counter.pending:
-            yield _Item(None, counter.take())
+            yield counter.item(None)
+
+    def _unusable(self, wp: WorkerPlan, what: str) -> DataError:
+        shards = [self.urls[i] for i in wp.shards]
+        named = ", ".join(shards[:3]) + (f" (+{len(shards) - 3} more)" if len(shards) > 3 else "")
+        return DataError(
+            f"{self.source}: no usable sample: {what} (rank {self.plan.rank} worker {wp.worker}, shards {named}); "
+            f"check them with `codetr data inspect {self.source}` and re-convert the data "
+            "(`codetr data convert ... --overwrite`)"
+        )
 
     def _iter_train(self, wp: WorkerPlan, counter: _SkipCounter, skip: int) -> Iterator[_Item]:
         if wp.num_batches == 0:
             return
         B = self.plan.batch_size
+
+        first_pass: list[int] = []  # raw samples in the first pass, once it is complete
 
         def endless() -> Iterator[tuple[int, dict[str, Any]]]:
             for cycle in itertools.count():
@@ -139,13 +167,14 @@ class _ShardStream(IterableDataset):
                     n += 1
                     yield cycle, raw
                 if n == 0:
-                    raise DataError(
-                        f"rank {self.plan.rank} worker {wp.worker}: shards "
-                        f"{[self.urls[i] for i in wp.shards][:3]} yielded no readable sample"
-                    )
+                    raise self._unusable(wp, "the shards hold no readable sample (not tar files, or every "
+                                             f"member is unreadable; first error: {(counter.pending or ['?'])[0]})")
+                if cycle == 0:
+                    first_pass.append(n)
 
         rng = sample_rng("buffer", self.seed, self.plan.epoch, self.plan.rank, wp.worker)
-        produced, pending_skip, failures_in_row = 0, 0, 0
+        produced, pending_skip, failures_in_row, good = 0, 0, 0, 0
+        bad_before_good: set[str] = set()  # distinct samples that failed while none decoded
         batch: list[Sample] = []
         limit = max(1000, 2 * wp.num_samples)
         buffer = min(self.shuffle_buffer, max(1, wp.num_samples))  # larger buffers only re-read shards
@@ -161,16 +190,19 @@ class _ShardStream(IterableDataset):
             sample = self._decode(raw, cycle, counter)
             if sample is None:
                 failures_in_row += 1
+                if good == 0:
+                    bad_before_good.add(_where(raw))
+                    if first_pass and len(bad_before_good) >= first_pass[0]:
+                        raise self._unusable(wp, f"all {first_pass[0]} samples of the shards are corrupt "
+                                                 f"(first: {counter.pending[0] if counter.pending else '?'})")
                 if failures_in_row > limit:
-                    raise DataError(
-                        f"rank {self.plan.rank} worker {wp.worker}: {failures_in_row} samples in a row failed to "
-                        "decode; the shards look unusable (see the warnings above)"
-                    )
+                    raise self._unusable(wp, f"{failures_in_row} samples in a row failed to decode")
                 continue
-            failures_in_row = 0
+            failures_in_row, good = 0, good + 1
+            bad_before_good.clear()
             batch.append(sample)
             if len(batch) == B:
-                yield _Item(self._collate(batch), counter.take())
+                yield counter.item(self._collate(batch), len(batch))
                 produced += 1
                 batch = []
 
@@ -197,12 +229,12 @@ class _ShardStream(IterableDataset):
             pending.append(sample)
             if len(pending) == B:
                 template = pending[-1]
-                yield _Item(self._collate(pending), counter.take())
+                yield counter.item(self._collate(pending), len(pending))
                 produced, pending = produced + 1, []
         if pending_fast or pending:  # partial last batch
             if pending:
                 template = pending[-1]
-                yield _Item(self._collate(pending), counter.take())
+                yield counter.item(self._collate(pending), len(pending))
             produced += 1
         if produced > wp.num_batches:
             warnings.warn(
@@ -215,7 +247,7 @@ class _ShardStream(IterableDataset):
         pad = template.as_padding() if template is not None else blank_sample(self.transform)
         while produced < wp.num_batches:
             if produced >= skip:
-                yield _Item(self._collate([pad]), counter.take())
+                yield counter.item(self._collate([pad]))
             produced += 1
 
 
@@ -280,6 +312,10 @@ class ShardLoader(DetectionLoader):
     def __len__(self) -> int:
         return self.plan(0).num_batches
 
+    def _corrupt_hint(self) -> str:
+        return (f"check the shards with `codetr data inspect {self.info.source}` and re-convert the data "
+                "(`codetr data convert ... --overwrite`)")
+
     def _items(self, skip: int) -> Iterable[_Item]:
         plan = self.plan()
         for note in plan.notes:
@@ -294,5 +330,6 @@ class ShardLoader(DetectionLoader):
             pad_to=self.pad_to,
             num_classes=self.info.num_classes,
             skip_batches=skip,
+            source=self.info.source,
         )
         return self._dataloader(dataset, batch_size=None)

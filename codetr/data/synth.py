@@ -27,6 +27,15 @@ later objects or outside the image), ``area`` is its visible pixel count, ``iscr
 
 Determinism: image ``i`` depends only on ``(seed, i)`` (``numpy.random.default_rng([seed, i])``), and the
 same arguments give byte-identical files on the same numpy/Pillow versions.
+
+Output folders: synth never writes over a file it did not create. The files of a synthetic dataset
+are recognised by its ``annotations.json`` (``info.description == "codetr synthetic shapes"``) and the
+images it lists; while a run is unfinished a marker, ``.codetr-synth.json``, lists the files it will
+write (written first, removed once ``annotations.json`` is written), so an interrupted run is
+recognised too; ``codetr data synth --shards`` records the ``shards`` folder in such a marker. An
+output folder that holds anything else (any other file, a symlink) is refused with
+:class:`SynthOutputError` before anything is written; a previous synthetic dataset is replaced only
+with ``overwrite=True`` (``--overwrite``), and then only its own files are removed.
 """
 
 from __future__ import annotations
@@ -36,12 +45,15 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["SYNTH_CATEGORIES", "SyntheticDataset", "make_synthetic", "make_synthetic_splits"]
+from codetr.data.format import DataError
+
+__all__ = ["SYNTH_CATEGORIES", "SYNTH_MARKER", "SynthOutputError", "SyntheticDataset", "make_synthetic",
+           "make_synthetic_splits"]
 
 #: Categories of the synthetic set (COCO ids with gaps on purpose).
 SYNTH_CATEGORIES: tuple[dict[str, Any], ...] = (
@@ -57,6 +69,10 @@ _SS = 3  # supersampling factor for antialiased shape edges
 _MIN_VISIBLE_FRACTION = 0.45  # an existing object must keep this share of its pixels
 _MIN_INSIDE_FRACTION = 0.75  # at most 25% of a new object may fall outside the image
 _MIN_PIXELS = 24
+
+#: Marker file of an unfinished synth run / of claimed folders: the files synth owns there (module doc).
+SYNTH_MARKER = ".codetr-synth.json"
+_DESCRIPTION = "codetr synthetic shapes"
 
 
 @dataclass(frozen=True)
@@ -324,6 +340,121 @@ def _render_image(
 
 
 # ----------------------------------------------------------------------------------------------
+# output folders: never write over a file synth did not create
+# ----------------------------------------------------------------------------------------------
+
+
+class SynthOutputError(DataError):
+    """The output folder holds files synth did not write, or (without ``overwrite``) a previous
+    synthetic dataset. A :class:`~codetr.data.format.DataError`; raised before anything is written."""
+
+
+def _owned_in(folder: Path) -> set[Path]:
+    """Files synth wrote in ``folder``: its ``annotations.json`` (``info.description`` is synth's) and the
+    images it lists, plus what a marker lists (an unfinished run's planned files, claimed folders)."""
+    owned: set[Path] = set()
+    marker = folder / SYNTH_MARKER
+    if marker.is_file() and not marker.is_symlink():
+        try:
+            data = json.loads(marker.read_text(encoding="utf-8"))
+            files, dirs = [str(f) for f in data["files"]], [str(d) for d in data["dirs"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            files, dirs = [], []  # not ours after all: the marker itself counts as foreign
+        else:
+            owned.add(marker)
+        owned.update(folder / f for f in files)
+        for d in dirs:
+            owned.update(p for p in (folder / d).rglob("*") if p.is_file() or p.is_symlink())
+    ann = folder / "annotations.json"
+    if ann.is_file() and not ann.is_symlink():
+        try:
+            data = json.loads(ann.read_text(encoding="utf-8"))
+            if data["info"]["description"] == _DESCRIPTION:
+                owned.add(ann)
+                owned.update(folder / "images" / str(im["file_name"]) for im in data["images"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return owned
+
+
+def _scan_output(root: Path) -> tuple[list[Path], list[Path]]:
+    """``(owned, foreign)``: files under ``root`` a previous synth run wrote, and everything else
+    (files, symlinks, special files; empty folders are neither)."""
+    owned: list[Path] = []
+    foreign: list[Path] = []
+    claimed: set[Path] = set()
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        claimed |= _owned_in(here)
+        for name in list(dirnames):
+            if (here / name).is_symlink():  # never followed, never ours
+                foreign.append(here / name)
+                dirnames.remove(name)
+        for name in filenames:
+            p = here / name
+            if p in claimed and p.is_file() and not p.is_symlink():
+                owned.append(p)
+            else:
+                foreign.append(p)
+    return sorted(owned), sorted(foreign)
+
+
+def _prepare_output(root: Path, overwrite: bool) -> None:
+    """Check ``root`` (see the module doc) and, with ``overwrite``, remove a previous synthetic dataset.
+
+    Raises:
+        SynthOutputError: ``root`` is a file, holds files synth did not write, or holds a previous
+            synthetic dataset and ``overwrite`` is false. Nothing is written or removed then.
+    """
+    if root.is_symlink() or (root.exists() and not root.is_dir()):
+        raise SynthOutputError(f"{root} exists and is not a folder; choose a new or empty folder for the synthetic data")
+    if not root.exists():
+        return
+    owned, foreign = _scan_output(root)
+    if foreign:
+        names = ", ".join(str(p.relative_to(root)) for p in foreign[:5])
+        more = f" (+{len(foreign) - 5} more)" if len(foreign) > 5 else ""
+        raise SynthOutputError(
+            f"{root} already holds files that `codetr data synth` did not write: {names}{more}; nothing was "
+            "written. Choose a new or empty folder (--overwrite only replaces a previous synthetic dataset)."
+        )
+    if not owned:
+        return
+    if not overwrite:
+        raise SynthOutputError(
+            f"{root} already holds a synthetic dataset ({len(owned)} files written by `codetr data synth`); "
+            "nothing was written. Pass --overwrite (overwrite=True) to replace it, or choose another folder."
+        )
+    parents = set()
+    for p in owned:
+        p.unlink()
+        parents.update(q for q in p.parents if q != root and root in q.parents)
+    for d in sorted(parents, key=lambda q: len(q.parts), reverse=True):
+        try:
+            d.rmdir()  # only folders left empty
+        except OSError:
+            pass
+
+
+def _write_marker(root: Path, files: Sequence[str], dirs: Sequence[str] = ()) -> None:
+    marker = {"written_by": "codetr data synth", "version": 1, "files": list(files), "dirs": list(dirs)}
+    (root / SYNTH_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+
+
+def claim_output_dir(dataset: "SyntheticDataset", name: str) -> Path:
+    """Record ``dataset.root / name`` as synth's own in a marker (``codetr data synth --shards`` converts
+    into it) and return it; a later synth run with ``overwrite`` may then remove it."""
+    files: list[str] = []
+    dirs = {name}
+    marker = dataset.root / SYNTH_MARKER
+    if marker.is_file():
+        data = json.loads(marker.read_text(encoding="utf-8"))
+        files, dirs = list(data["files"]), dirs | set(data["dirs"])
+    _write_marker(dataset.root, files, sorted(dirs))
+    return dataset.root / name
+
+
+# ----------------------------------------------------------------------------------------------
 # datasets
 # ----------------------------------------------------------------------------------------------
 
@@ -341,11 +472,13 @@ def make_synthetic(
     size_range: tuple[float, float] = (0.10, 0.60),
     aspect_range: tuple[float, float] = (1 / 3, 3.0),
     jpeg_quality: int = 90,
+    overwrite: bool = False,
 ) -> SyntheticDataset:
     """Write ``num_images`` synthetic images + ``annotations.json`` (COCO) under ``out_dir``.
 
     Args:
-        out_dir: output root (``annotations.json`` and ``images/`` are written there).
+        out_dir: output root (``annotations.json`` and ``images/`` are written there). It must be new, empty, or hold a previous synthetic dataset (then only
+            with ``overwrite``); see the module doc.
         num_images: number of images (ids ``1..num_images``, files ``images/000001.jpg``...).
         seed: dataset seed; image ``i`` depends only on ``(seed, i)``.
         image_format: ``jpg``, ``png`` or ``mixed`` (odd ids JPEG, even ids PNG).
@@ -355,24 +488,39 @@ def make_synthetic(
         size_range: object size as a fraction of the short image side (log-uniform).
         aspect_range: object width/height ratio range (log-uniform).
         jpeg_quality: JPEG quality.
+        overwrite: replace a previous synthetic dataset in ``out_dir`` (files synth did not write are
+            never replaced).
 
     Returns:
         A :class:`SyntheticDataset` with the paths and counts.
+
+    Raises:
+        SynthOutputError: ``out_dir`` holds files synth did not write, or a previous synthetic dataset
+            without ``overwrite`` (checked before anything is written).
     """
     if num_images < 0:
         raise ValueError(f"num_images must be >= 0, got {num_images}")
     if not 16 <= min_side <= max_side:
         raise ValueError(f"need 16 <= min_side <= max_side, got {min_side}, {max_side}")
+    if image_format not in ("jpg", "png", "mixed"):
+        raise ValueError(f"image_format must be jpg, png or mixed, got {image_format!r}")
     root = Path(out_dir)
+    _prepare_output(root, overwrite)
+
+    def ext_of(image_id: int) -> str:
+        return {"jpg": "jpg", "png": "png"}.get(image_format) or ("jpg" if image_id % 2 else "png")
+
     images_dir = root / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
+    planned = ["annotations.json"] + [f"images/{i:06d}.{ext_of(i)}" for i in range(1, num_images + 1)]
+    _write_marker(root, planned)  # first: an interrupted run is recognised as ours
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     for i in range(num_images):
         image_id = i + 1
         rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, i])
         image, objects = _render_image(rng, min_side, max_side, max_objects, empty_prob, size_range, aspect_range)
-        ext = {"jpg": "jpg", "png": "png"}.get(image_format) or ("jpg" if image_id % 2 else "png")
+        ext = ext_of(image_id)
         file_name = f"{image_id:06d}.{ext}"
         if ext == "jpg":
             image.save(images_dir / file_name, format="JPEG", quality=jpeg_quality)
@@ -391,7 +539,7 @@ def make_synthetic(
                 }
             )
     coco = {
-        "info": {"description": "codetr synthetic shapes", "version": "1", "seed": int(seed)},
+        "info": {"description": _DESCRIPTION, "version": "1", "seed": int(seed)},
         "licenses": [],
         "images": images,
         "annotations": annotations,
@@ -399,17 +547,22 @@ def make_synthetic(
     }
     ann_file = root / "annotations.json"
     ann_file.write_text(json.dumps(coco, separators=(",", ":")) + "\n", encoding="utf-8")
+    (root / SYNTH_MARKER).unlink()  # complete: annotations.json now says which files are synth's
     return SyntheticDataset(root, ann_file, images_dir, len(images), len(annotations))
 
 
 def make_synthetic_splits(
-    root: str | os.PathLike[str], num_train: int, num_val: int, seed: int = 0, **kwargs: Any
+    root: str | os.PathLike[str], num_train: int, num_val: int, seed: int = 0, *, overwrite: bool = False,
+    **kwargs: Any,
 ) -> dict[str, SyntheticDataset]:
     """Write ``root/train`` (seed ``seed``) and ``root/val`` (seed ``seed + 1_000_003``), disjoint streams.
 
-    Extra keyword arguments go to :func:`make_synthetic`.
+    ``root`` as a whole is checked first (the rule of :func:`make_synthetic`, ``overwrite`` included),
+    so nothing is written when any part of it holds files synth did not write. Extra keyword arguments
+    go to :func:`make_synthetic`.
     """
     root = Path(root)
+    _prepare_output(root, overwrite)
     return {
         "train": make_synthetic(root / "train", num_train, seed, **kwargs),
         "val": make_synthetic(root / "val", num_val, seed + 1_000_003, **kwargs),

@@ -332,6 +332,7 @@ class Trainer:
                         break
                     if self._train_step(size, epoch_iter, window, progress):
                         return "preempted"
+                self._report_skipped()
                 if self.batch_in_epoch >= self.batches_per_epoch:
                     self.epoch += 1
                     self.batch_in_epoch = 0
@@ -339,6 +340,19 @@ class Trainer:
                 if callable(close):  # stop loader workers of a partly consumed iterator now
                     close()
         return "finished"
+
+    def _report_skipped(self) -> None:
+        """Corrupt samples this rank's train loader skipped in the epoch (``loader.skip_report()``): one
+        console line and a ``skipped_samples`` record in ``metrics.jsonl``; silent when none were."""
+        report = getattr(self.train_loader, "skip_report", None)
+        r = report() if callable(report) else None
+        if not r:
+            return
+        from rich.markup import escape
+
+        self.say(f"[yellow]data:[/] {escape(r.message())}")
+        self.log.write({"type": "skipped_samples", "iteration": self.iteration, "epoch": r.epoch,
+                        "count": r.count, "total": r.total, "examples": list(r.examples)})
 
     def _train_step(self, size: int, epoch_iter: Iterator[Batch], window: Window, progress: LoopProgress) -> bool:
         """One optimizer step over ``size`` micro-batches, then logging, evaluation and checkpoints due;

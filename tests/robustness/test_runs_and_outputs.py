@@ -245,3 +245,26 @@ def test_single_file_outputs_never_replace_inputs_or_existing_files(tmp_path):
     assert res.exit_code == 0, res.output
     res = runner.invoke(main_app, ["convert", "recipes/tests/tiny.yaml", str(ckpt), "--out", str(ckpt)])
     assert res.exit_code == 1 and "is the input" in res.output
+
+
+def test_trainer_reports_skipped_corrupt_samples(tmp_path):
+    from types import SimpleNamespace
+
+    from codetr.core.config.schema import Recipe
+    from codetr.data.synth import make_synthetic
+
+    root = tmp_path / "data"
+    make_synthetic(root, 4, seed=1)
+    victim = sorted((root / "images").iterdir())[1]
+    victim.write_bytes(victim.read_bytes()[:40])  # truncated image
+    split = SimpleNamespace(ann_file=root / "annotations.json", images_dir=root / "images")
+    out = tmp_path / "run"
+    recipe = Recipe.model_validate(recipe_dict({"train": split, "val": split}, out, val=False,
+                                               schedule={"iterations": 2}))
+    console = quiet_console()
+    Trainer(recipe, output_dir=out, model_factory=lambda cfg: FakeDetector(cfg.num_classes), console=console,
+            progress=False).fit()
+    assert victim.name in console.file.getvalue() and "corrupt sample" in console.file.getvalue()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in rows if r["type"] == "skipped_samples"]
+    assert skipped and skipped[0]["count"] >= 1 and victim.name in skipped[0]["examples"][0]

@@ -223,9 +223,13 @@ def restore_rng_state(state: Mapping[str, Any], device: torch.device | None = No
 
 # --------------------------------------------------------------------------- weights-only loading
 def extract_state_dict(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The model weights of a codetr checkpoint (``model``), an mmdet/Detectron-style file
+    """The model weights of a codetr checkpoint (``model``; the EMA weights of a periodic checkpoint of an
+    EMA run, ``ema_state.module``, which are the ones that run evaluates), an mmdet/Detectron-style file
     (``state_dict`` / ``model``) or a raw state dict; the DDP ``module.`` prefix is stripped."""
     sd: Any = obj
+    ema = obj.get("ema_state") if isinstance(obj, Mapping) else None
+    if isinstance(ema, Mapping) and isinstance(ema.get("module"), Mapping):
+        obj = {"model": ema["module"]}
     for key in ("model", "state_dict", "model_state_dict", "ema"):
         if isinstance(obj.get(key) if isinstance(obj, Mapping) else None, Mapping):
             sd = obj[key]

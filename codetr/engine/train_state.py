@@ -24,6 +24,7 @@ from rich.console import Console
 from torch import nn
 
 from codetr.engine import distributed as du
+from codetr.engine.ema import ModelEMA
 from codetr.engine.checkpoint import (
     CheckpointError,
     base_state,
@@ -122,13 +123,19 @@ def build_state(t: "Trainer") -> dict[str, Any] | None:
         counters={"bad_steps": t.health.bad_steps_total, "amp_overflows": t.health.amp_overflows},
         classes=classes(t.train_loader, t.val_loader),
         layout=_layout_of(t),
+        ema_state=t.ema.state_dict() if t.ema is not None else None,
     )
 
 
 def final_state(t: "Trainer") -> dict[str, Any]:
     """``model_final.pt``: weights, recipe, iteration, last evaluation and classes (no training state)."""
-    return base_state(model=t.model.state_dict(), recipe=t.recipe_yaml, recipe_sha256=t.recipe_hash,
-                      iteration=t.iteration, metrics=t.last_eval, classes=classes(t.train_loader, t.val_loader))
+    extra = {}
+    if t.ema is not None:  # the EMA weights are the ones evaluated: they are the model; the online ones kept too
+        extra = {"online_model": t.model.state_dict(), "ema_updates": t.ema.updates}
+    model = t.ema.module if t.ema is not None else t.model
+    return base_state(model=model.state_dict(), recipe=t.recipe_yaml, recipe_sha256=t.recipe_hash,
+                      iteration=t.iteration, metrics=t.last_eval, classes=classes(t.train_loader, t.val_loader),
+                      **extra)
 
 
 def restore(t: "Trainer", path: Path) -> None:
@@ -152,6 +159,13 @@ def restore(t: "Trainer", path: Path) -> None:
             f"{path}: the optimizer state does not fit this model/recipe ({exc}).\n"
             "  fix: --resume needs the same model and optim.param_groups; to start a new training from these "
             "weights use model.init_from") from None
+    if t.ema is not None:
+        if state.get("ema_state") is not None:
+            t.ema.load_state_dict(state["ema_state"])
+        else:
+            t.ema = ModelEMA(t.model, t.ema.decay, t.ema.warmup)
+            t.say("[yellow]warning:[/] the checkpoint has no EMA state (model.ema was off): the EMA starts "
+                  "from the resumed weights")
     t.scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler") is not None and t.scaler.is_enabled():
         t.scaler.load_state_dict(state["scaler"])

@@ -62,6 +62,7 @@ from codetr.engine.checkpoint import (
     save_checkpoint,
 )
 from codetr.engine.data_stream import first_group, next_batch, start_epoch
+from codetr.engine.ema import ModelEMA
 from codetr.engine.log_window import LoopProgress, MetricsLog, Window
 from codetr.engine.losses import LossModule, forward_losses
 from codetr.engine.optim import (
@@ -192,6 +193,7 @@ class Trainer:
         self.last_eval: dict[str, Any] | None = None
         self.health = StepHealth(recipe, self.dist, self.console, self.log, self.output_dir, self.num_classes)
         self.pending = train_state.PendingResume()
+        self.ema: ModelEMA | None = None  # set by _build_training when model.ema is configured
         self._last_saved_iteration = -1
         self._stop_requested = False  # set by the SIGTERM handler during fit()
         if train:
@@ -247,6 +249,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.ddp_model = du.wrap_ddp(LossModule(self.model), self.device)
         self.stepper = OptimizerStepper(self.ddp_model, self.optimizer, optim_cfg.clip_grad_norm, self.scaler)
+        ema = self.recipe.model.ema
+        self.ema = ModelEMA(self.model, ema.decay, ema.warmup) if ema is not None else None
         self.say(table)
         self._check_batch_size()
 
@@ -362,6 +366,8 @@ class Trainer:
         if not group.bad:
             self.health.check_grads_once(self.model)
         outcome = self.stepper.step(skip=group.bad)
+        if outcome.stepped and self.ema is not None:
+            self.ema.update(self.model)
         with warnings.catch_warnings():  # a skipped first step makes torch warn about the order
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
             self.scheduler.step()  # the LR follows the data, skipped steps included
@@ -475,7 +481,8 @@ class Trainer:
         evaluator = make_evaluator(self.val_loader, self.recipe.eval, self.num_classes)
         n_batches = len(self.val_loader) if hasattr(self.val_loader, "__len__") else None
         t0 = time.perf_counter()
-        metrics, flat = evaluate_detector(self.model, self.val_loader, evaluator, device=self.device,
+        model = self.ema.module if self.ema is not None else self.model  # EMA runs evaluate the EMA weights
+        metrics, flat = evaluate_detector(model, self.val_loader, evaluator, device=self.device,
                                           dtype=self.amp_dtype, console=self.console, is_main=self.is_main,
                                           per_class=self.recipe.eval.per_class)
         self.last_eval = flat

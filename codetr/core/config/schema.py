@@ -45,6 +45,14 @@ AuxHeadField = component_field("aux_heads")
 QueryEncoderField = component_field("query_encoders")
 
 
+class EMAConfig(StrictModel):
+    """``model.ema``: an exponential moving average of the weights, updated after every optimizer step;
+    evaluation and ``model_final.pt`` use it (:mod:`codetr.engine.ema`)."""
+
+    decay: float = Field(0.9998, gt=0, lt=1, description="asymptotic decay per optimizer step")
+    warmup: int = Field(2000, ge=0, description="updates over which the decay ramps up: decay * (1 - exp(-t / warmup))")
+
+
 class CoDETRConfig(StrictModel):
     """Collaborative hybrid assignment settings (used when ``model.aux_heads`` is non-empty)."""
 
@@ -87,6 +95,7 @@ class ModelConfig(StrictModel):
     co_detr: CoDETRConfig = CoDETRConfig()
     test: TestConfig = TestConfig()
     init_from: Path | None = Field(None, description="weights-only initialisation (shape-aware, load report)")
+    ema: EMAConfig | None = Field(None, description="exponential moving average of the weights (evaluated, exported)")
 
     @model_validator(mode="after")
     def _hidden_dim_heads(self) -> "ModelConfig":

@@ -93,6 +93,13 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> P
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # disk full, quota, permissions, read-only filesystem
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: {exc.strerror or exc} (disk full? quota? permissions?); nothing was "
+            "replaced: the earlier checkpoints are intact.\n  fix: free space (or choose another --output-dir) and "
+            "rerun with --resume auto") from None
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -268,3 +268,35 @@ def test_trainer_reports_skipped_corrupt_samples(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     skipped = [r for r in rows if r["type"] == "skipped_samples"]
     assert skipped and skipped[0]["count"] >= 1 and victim.name in skipped[0]["examples"][0]
+
+
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(synth_data, tmp_path, monkeypatch):
+    import errno
+
+    import codetr.engine.checkpoint as ckpt_mod
+
+    out = tmp_path / "run"
+    recipe = make_recipe(synth_data, out, schedule={"iterations": 4}, runtime={"checkpoint_period": 2, "keep_last": 5})
+    t = _trainer(recipe, out)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint hits a full disk half-way
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", save)
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*No space left on device.*intact"):
+        t.fit()
+    files = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert files == ["iter_00000002.pt"]  # no temporary leftovers, the earlier checkpoint untouched
+    assert load_checkpoint_ok(out / "checkpoints" / "iter_00000002.pt")
+
+
+def load_checkpoint_ok(path):
+    from codetr.engine.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)["iteration"] == 2

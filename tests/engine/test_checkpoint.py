@@ -26,7 +26,7 @@ def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
         raise OSError("disk full")                    # ... then the write dies
 
     monkeypatch.setattr(torch, "save", crashing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ck.CheckpointError, match="disk full.*intact"):  # a clear error naming the file
         ck.save_checkpoint(path, {"iteration": 20, "w": torch.arange(7)})
     monkeypatch.undo()
     assert path.read_bytes() == good                          # previous file intact

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import pytest
 import torch
 import torch.nn.functional as F
+import typer
 from rich.console import Console
 from torch import nn
 
@@ -158,3 +159,19 @@ def quiet_console() -> Console:
 
 def console_text(console: Console) -> str:
     return console.file.getvalue()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def app(monkeypatch):
+    """A typer app with codetr's train / eval / predict commands on the fake detector."""
+    from codetr.cli import train_cmd
+    from codetr.assembly import load_recipe
+    import codetr.engine.factories as factories_mod
+
+    # the fake detector stands in for codetr.assembly.build_detector (the one default, used by train/eval/predict)
+    monkeypatch.setattr(factories_mod, "default_model_factory", lambda cfg: FakeDetector(cfg.num_classes))
+    # num_classes is given in the test recipes; do not depend on dataset category discovery here
+    monkeypatch.setattr(train_cmd, "load", lambda r, s=None, read_data=True: load_recipe(r, s or [], read_data=False))
+    a = typer.Typer()
+    train_cmd.register(a)
+    return a

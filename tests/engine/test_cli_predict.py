@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-import typer
 import yaml
 from PIL import Image
 from typer.testing import CliRunner
@@ -15,21 +14,6 @@ from codetr.core.structures import Detections, Target
 from codetr.engine.visualize import class_color, draw_detections, draw_side_by_side
 
 from .conftest import FakeDetector, make_recipe, quiet_console, recipe_dict
-
-
-@pytest.fixture
-def app(monkeypatch):
-    from codetr.cli import train_cmd
-    from codetr.assembly import load_recipe
-    import codetr.engine.factories as factories_mod
-
-    # the fake detector stands in for codetr.assembly.build_detector (the one default, used by train/eval/predict)
-    monkeypatch.setattr(factories_mod, "default_model_factory", lambda cfg: FakeDetector(cfg.num_classes))
-    # num_classes is given in the test recipes; do not depend on dataset category discovery here
-    monkeypatch.setattr(train_cmd, "load", lambda r, s=None, read_data=True: load_recipe(r, s or [], read_data=False))
-    a = typer.Typer()
-    train_cmd.register(a)
-    return a
 
 
 def _write_recipe(synth, tmp_path, **kw):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
 import yaml
 from PIL import Image
 from typer.testing import CliRunner
@@ -32,19 +31,6 @@ def _digest(root: Path) -> dict[str, str]:
 def _trainer(recipe, out, **kw):
     return Trainer(recipe, output_dir=out, model_factory=lambda cfg: FakeDetector(cfg.num_classes),
                    console=quiet_console(), progress=False, **kw)
-
-
-@pytest.fixture
-def app(monkeypatch):
-    from codetr.assembly import load_recipe
-    from codetr.cli import train_cmd
-    import codetr.engine.factories as factories_mod
-
-    monkeypatch.setattr(factories_mod, "default_model_factory", lambda cfg: FakeDetector(cfg.num_classes))
-    monkeypatch.setattr(train_cmd, "load", lambda r, s=None, read_data=True: load_recipe(r, s or [], read_data=False))
-    a = typer.Typer()
-    train_cmd.register(a)
-    return a
 
 
 # --------------------------------------------------------------------------- earlier runs

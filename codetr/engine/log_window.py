@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from rich.console import Console
 
+from codetr.data.format import atomic_write_bytes
 from codetr.engine import distributed as du
 
 __all__ = ["MetricsLog", "Window", "window_means", "fmt_time", "make_progress", "LoopProgress"]
@@ -69,9 +70,7 @@ class MetricsLog:
             else:
                 kept.append(line)
         if dropped:
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-            os.replace(tmp, self.path)
+            atomic_write_bytes(self.path, "".join(k + "\n" for k in kept).encode("utf-8"))
         return dropped
 
 

@@ -7,6 +7,7 @@ cross-image padding), and ``Detector.predict`` maps boxes back to the original i
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -20,6 +21,7 @@ from torch import nn
 
 from codetr.core.structures import Target
 from codetr.data.decode import load_image_rgb
+from codetr.data.format import atomic_write_bytes
 from codetr.engine import factories
 from codetr.engine.checkpoint import extract_state_dict, load_checkpoint, load_weights
 from codetr.engine.distributed import resolve_device
@@ -180,10 +182,9 @@ def predict_images(
         if png_path is not None:
             from codetr.core.structures import Detections
 
-            drawn = draw_detections(image, Detections(boxes, scores, labels), names)
-            tmp = png_path.with_name(png_path.name + ".tmp")
-            drawn.save(tmp, format="PNG")
-            os.replace(tmp, png_path)
+            png = io.BytesIO()
+            draw_detections(image, Detections(boxes, scores, labels), names).save(png, format="PNG")
+            atomic_write_bytes(png_path, png.getvalue())
             _remember(out, png_path)
         results.append(payload)
         console.print(f"{path}: {len(dets)} detection(s) >= {score_threshold:g}", highlight=False)
@@ -216,9 +217,7 @@ def _remember(out: Path, path: Path) -> None:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
     _remember(path.parent, path)
 
 

@@ -201,7 +201,6 @@ class ATSSHead(AuxHead):
     def __init__(self, cfg: ATSSHeadConfig, assigner: OneToManyAssigner | None = None, loss_scale: float = 1.0):
         super().__init__()
         cfg.require_shared("num_classes", "hidden_dim")
-        pyramid_levels = _pyramid_levels(cfg)
         if assigner is None:
             if not isinstance(cfg.assigner, ATSSAssignerConfig):
                 raise ValueError(f"ATSSHead: pass the built assigner for assigner type {cfg.assigner.type!r} "
@@ -212,7 +211,7 @@ class ATSSHead(AuxHead):
         self.in_channels = int(cfg.hidden_dim)
         self.feat_channels = int(cfg.feat_channels)
         self.strides = None if cfg.strides is None else [int(s) for s in cfg.strides]
-        self.num_levels = len(self.strides) if self.strides is not None else int(pyramid_levels or 5)
+        self.num_levels = int(_pyramid_levels(cfg) or 5)  # len(strides), pyramid_levels, num_levels + 1, else 5
         self.anchor_scale = float(cfg.anchor_scale)
         self.center_offset = float(cfg.center_offset)
         self.coder = DeltaXYWHCoder(means=(0.0, 0.0, 0.0, 0.0), stds=tuple(cfg.bbox_stds))

@@ -273,7 +273,7 @@ class FasterRCNNHead(AuxHead):
         inside = anchor_inside_flags(anchors_all, valid, image_size_hw, self.cfg.rpn_allowed_border)
         inside_idx = inside.nonzero(as_tuple=False).squeeze(1)
         anchors = anchors_all[inside_idx]
-        per_level = [int(m.sum()) for m in inside.split(level_sizes)]
+        per_level = torch.stack([m.sum() for m in inside.split(level_sizes)]).tolist()  # one device sync
         extra = {}
         if preds is not None:
             extra = dict(pred_scores=preds[0][inside_idx, None].sigmoid(),

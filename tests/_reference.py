@@ -7,6 +7,7 @@ Tests that need a fixture call :func:`reference_dir` which ``pytest.skip``s with
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from pathlib import Path
 
@@ -36,7 +37,16 @@ def _skip_or_fail(reason: str) -> None:
     """Skip on a user's clone; fail under CI (``CODETR_REQUIRE_REFERENCE=1``), where parity must run."""
     if os.environ.get("CODETR_REQUIRE_REFERENCE") == "1":
         pytest.fail(f"{reason} [CODETR_REQUIRE_REFERENCE=1: parity tests may not be skipped]", pytrace=False)
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def require_module(name: str, why: str):
+    """``import name``; when it is missing, skip on a user's clone and fail under CI (``CODETR_REQUIRE_REFERENCE=1``)
+    like a missing fixture, so parity tests against an optional package (HF ``transformers``) never pass by skipping."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        _skip_or_fail(f"{name} is not installed ({why}); pip install -e '.[test]'")
 
 
 @functools.lru_cache(maxsize=4)

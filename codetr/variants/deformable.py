@@ -49,10 +49,10 @@ from torch import Tensor, nn
 from codetr.core.interfaces import EXTRAS_TOPK_BOXES_UNACT, DecoderOutputs, Memory, QueryGroup
 from codetr.core.registry import Component, ComponentConfig
 from codetr.core.structures import Batch
-from codetr.ops.functional import inverse_sigmoid
 from codetr.ops.position import sine_box_embedding
 from codetr.variants.base import DeformableVariant, with_shared_fallbacks
-from codetr.variants.layers import DeformableDecoderLayer, LayerStack, init_prediction_heads
+from codetr.variants.layers import (DeformableDecoderLayer, LayerStack, apply_box_delta, init_prediction_heads,
+                                    stack_references)
 
 __all__ = ["PRESETS", "DeformableDETRConfig", "DeformableDETR", "build", "COMPONENT"]
 
@@ -245,30 +245,14 @@ class DeformableDETR(DeformableVariant):
             hidden.append(x)
             refs.append(ref)
             if self.with_box_refine:
-                new_ref = _apply_delta(delta, ref).sigmoid()
-                box = _apply_delta(delta, prev).sigmoid() if self.look_forward_twice else new_ref
+                new_ref = apply_box_delta(delta, ref).sigmoid()
+                box = apply_box_delta(delta, prev).sigmoid() if self.look_forward_twice else new_ref
                 prev, ref = new_ref, new_ref.detach()
             else:
-                box = _apply_delta(delta, ref).sigmoid()
+                box = apply_box_delta(delta, ref).sigmoid()
             boxes.append(box)
         return DecoderOutputs(logits=torch.stack(logits), boxes=torch.stack(boxes), hidden=torch.stack(hidden),
-                              references=_stack_refs(refs))
-
-
-# ---------------------------------------------------------------------- helpers
-def _apply_delta(delta: Tensor, ref: Tensor) -> Tensor:
-    """``delta + inverse_sigmoid(ref)`` on all 4 coordinates (4-D refs) or only on (x, y) (2-D refs)."""
-    if ref.shape[-1] == 4:
-        return delta + inverse_sigmoid(ref)
-    return torch.cat([delta[..., :2] + inverse_sigmoid(ref), delta[..., 2:]], -1)
-
-
-def _stack_refs(refs: list[Tensor]) -> Tensor:
-    """Stack per-layer references; when 2-D and 4-D references mix (one-stage + refine), 2-D ones are padded
-    with w = h = 0."""
-    if len({r.shape[-1] for r in refs}) > 1:
-        refs = [r if r.shape[-1] == 4 else torch.cat([r, r.new_zeros(r.shape)], -1) for r in refs]
-    return torch.stack(refs)
+                              references=stack_references(refs))
 
 
 def build(cfg: DeformableDETRConfig) -> DeformableDETR:

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from codetr.core.interfaces import (EXTRAS_ENC_BOXES, EXTRAS_ENC_BOXES_UNACT_ALL, EXTRAS_ENC_LOGITS,
                                     EXTRAS_ENC_LOGITS_ALL, EXTRAS_ENC_PROPOSALS_UNACT, EXTRAS_ENC_VALID,
                                     EXTRAS_TOPK_BOXES_UNACT, EXTRAS_TOPK_INDICES, EncoderInputs)
+from codetr.ops.functional import inverse_sigmoid
 from codetr.ops.msda import MultiScaleDeformableAttention
 
 __all__ = [
@@ -37,6 +38,8 @@ __all__ = [
     "init_prediction_heads",
     "grid_proposals",
     "two_stage_proposals",
+    "apply_box_delta",
+    "stack_references",
 ]
 
 
@@ -312,3 +315,21 @@ def init_transformer_weights(encoder: nn.Module, decoder: nn.Module, level_embed
         if isinstance(m, MultiScaleDeformableAttention):
             m.init_weights()
     nn.init.normal_(level_embed)
+
+
+# ---------------------------------------------------------------------- box refinement helpers
+def apply_box_delta(delta: Tensor, ref: Tensor) -> Tensor:
+    """(..., 4) box-head output ``delta`` + ``inverse_sigmoid(ref)``: on all 4 coordinates for 4-D references
+    (normalised cxcywh), only on (cx, cy) for 2-D reference points (w, h are then the raw ``delta`` logits).
+    Returns logits (apply ``sigmoid`` for normalised cxcywh)."""
+    if ref.shape[-1] == 4:
+        return delta + inverse_sigmoid(ref)
+    return torch.cat([delta[..., :2] + inverse_sigmoid(ref), delta[..., 2:]], -1)
+
+
+def stack_references(refs: list[Tensor]) -> Tensor:
+    """Stack L per-layer references (B, Q, 2|4) into (L, B, Q, D); when 2-D points and 4-D boxes mix (one-stage
+    + refinement), the points are padded with w = h = 0 (D = 4)."""
+    if len({r.shape[-1] for r in refs}) > 1:
+        refs = [r if r.shape[-1] == 4 else torch.cat([r, r.new_zeros(r.shape)], -1) for r in refs]
+    return torch.stack(refs)

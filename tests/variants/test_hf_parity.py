@@ -33,8 +33,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-transformers = pytest.importorskip(
-    "transformers", reason="transformers is a test-only dependency (pip install transformers) for HF parity tests")
+from tests._reference import require_module
+
+transformers = require_module("transformers", "a test-only dependency of the HF parity tests")
 
 from codetr.convert.hf import convert_hf_deformable_detr, hf_key, hf_recipe_model  # noqa: E402
 from codetr.assembly import build_detector  # noqa: E402

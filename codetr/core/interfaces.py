@@ -415,6 +415,12 @@ class Criterion(Protocol):
         that suffix, times ``weight`` (lambda_1)."""
         ...
 
+    def repeated_target_loss(self, outputs: DecoderOutputs, batch: Batch, repeat: int, *, suffix: str,
+                             weight: float = 1.0) -> dict[str, Tensor]:
+        """One-to-many Hungarian losses on every decoder layer against each image's GT repeated ``repeat`` times
+        (H-Deformable-DETR's hybrid branch, ``suffix="_one2many"``), times ``weight``; no encoder term."""
+        ...
+
 
 class DETRVariant(nn.Module, ABC):
     """A DETR variant as four hooks (mmdet-3 ``DetectionTransformer`` style).

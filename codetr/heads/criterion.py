@@ -26,6 +26,10 @@ Loss names (all values already weighted; the detector just sums them)::
                                                 (SetCriterion.aux_group_loss, suffix "_aux{k}")
     dn_loss_{cls,bbox,iou}, d{i}.dn_loss_*      denoising groups, if a variant uses
                                                 SetCriterion.fixed_target_loss(prefix="dn_")
+    loss_{cls,bbox,iou}_one2many, d{i}.loss_*_one2many
+                                                H-Deformable-DETR's hybrid one-to-many queries
+                                                (SetCriterion.repeated_target_loss: GT repeated k times,
+                                                Hungarian-matched, normalised like the main group)
 
 These are exactly the official Co-DETR / MMDetection key names (``loss_iou`` is the GIoU term), so
 loss dicts compare key-by-key with official training logs and fixtures.
@@ -184,9 +188,7 @@ class SetCriterion(nn.Module):
     def compute(self, outputs: DecoderOutputs, batch: Batch, extras: Mapping[str, Tensor] | None = None
                 ) -> CriterionResult:
         """Per-layer matching + losses of the main group and (if configured) the encoder proposals."""
-        logits_all, boxes_all = outputs.logits, outputs.boxes
-        device = logits_all.device
-        num_layers, _, q = logits_all.shape[:3]
+        device = outputs.logits.device
         gt_labels, gt_boxes, sizes = self.prepare_targets(batch, device)
         losses: dict[str, Tensor] = {}
         matches: dict[str, list[MatchResult]] = {}
@@ -208,14 +210,40 @@ class SetCriterion(nn.Module):
                                                 binary).items():
                 losses[loss_name(term, None, 1, prefix="enc_")] = v
 
-        norms = self._normalisers(sum(min(q, len(x)) for x in gt_labels), device)
+        layer_losses, layer_matches = self._per_layer(outputs, gt_labels, gt_boxes, sizes)
+        losses.update(layer_losses)
+        matches.update(layer_matches)
+        return CriterionResult(losses=losses, matches=matches)
+
+    def _per_layer(self, outputs: DecoderOutputs, gt_labels: list[Tensor], gt_boxes: list[Tensor], sizes: Tensor,
+                   suffix: str = "", weight: float = 1.0) -> tuple[dict[str, Tensor], dict[str, list[MatchResult]]]:
+        """Hungarian matching + matched losses on every decoder layer (``[d{i}.]loss_*{suffix}`` x ``weight``)."""
+        logits_all, boxes_all = outputs.logits, outputs.boxes
+        num_layers, _, q = logits_all.shape[:3]
+        norms = self._normalisers(sum(min(q, len(x)) for x in gt_labels), logits_all.device)
+        losses: dict[str, Tensor] = {}
+        matches: dict[str, list[MatchResult]] = {}
         for layer in range(num_layers):
             m = self._match(logits_all[layer], boxes_all[layer], gt_labels, gt_boxes, sizes, False)
             matches[f"d{layer}"] = m
             for term, v in self._matched_losses(logits_all[layer], boxes_all[layer], m, gt_labels, gt_boxes, sizes,
                                                 norms, False).items():
-                losses[loss_name(term, layer, num_layers)] = v
-        return CriterionResult(losses=losses, matches=matches)
+                losses[loss_name(term, layer, num_layers, suffix=suffix)] = v if weight == 1.0 else weight * v
+        return losses, matches
+
+    def repeated_target_loss(self, outputs: DecoderOutputs, batch: Batch, repeat: int, *, suffix: str,
+                             weight: float = 1.0) -> dict[str, Tensor]:
+        """One-to-many Hungarian losses (H-DETR's hybrid branch): every non-crowd GT of each image repeated
+        ``repeat`` times (``labels.repeat(k)``, ``boxes.repeat(k, 1)``), matched per decoder layer by the same
+        matcher, normalised by the number of matched queries, names ``[d{i}.]loss_{cls,bbox,iou}{suffix}``
+        (e.g. ``suffix="_one2many"``), times ``weight``. No encoder term."""
+        if repeat < 1:
+            raise ValueError(f"repeat must be >= 1, got {repeat}")
+        device = outputs.logits.device
+        gt_labels, gt_boxes, sizes = self.prepare_targets(batch, device)
+        gt_labels = [x.repeat(repeat) for x in gt_labels]
+        gt_boxes = [x.repeat(repeat, 1) for x in gt_boxes]
+        return self._per_layer(outputs, gt_labels, gt_boxes, sizes, suffix=suffix, weight=weight)[0]
 
     def forward(self, outputs: DecoderOutputs, batch: Batch, extras: Mapping[str, Tensor] | None = None
                 ) -> dict[str, Tensor]:

@@ -17,6 +17,12 @@ Two steps, kept apart so each is testable:
      Co-DINO configs set ``with_coord_feat=False``. Checked against the official training-mode aux-group
      outputs in ``tests/integration/test_co_dino_parity.py``.
 
+   * ``flavour="conditional"`` (Co-Conditional-DETR, our design: the official code has no Co- single-scale
+     variants): as ``"deformable"`` (positional query + content from the sine embedding of the positive box);
+     the Conditional-DETR decoder takes the box centre as its fixed 2-D reference point.
+   * ``flavour="dab"`` (Co-DAB-DETR, our design): as ``"dino"``: content from the box embedding, the 4-D anchor
+     = the positive box, the positional query derived from it at every layer by the DAB decoder.
+
    ``PE`` is the 4 x 128 sine embedding of (cx, cy, w, h) (temperature 10000), i.e. ``2C`` = 512 channels
    for ``C`` = 256.
 
@@ -121,11 +127,17 @@ def select_positive_queries(coords: PositiveCoords, image_sizes: Tensor, num_cla
     return SelectedQueries(reference=torch.stack(ref_out), feats=feats, targets=targets)
 
 
+#: flavours whose groups carry an explicit positional query (the others leave ``QueryGroup.pos`` None)
+EXPLICIT_POS_FLAVOURS = ("deformable", "conditional")
+
+
 class PositiveQueriesConfig(ComponentConfig):
     type: Literal["positive_queries"] = "positive_queries"
     hidden_dim: int | None = None
     num_classes: int | None = None
-    flavour: Literal["deformable", "dino"] = Field("deformable", description="query construction of the variant")
+    flavour: Literal["deformable", "dino", "conditional", "dab"] = Field(
+        "deformable", description="query construction of the variant: explicit positional query (deformable, "
+                                  "conditional) or derived from the reference box per layer (dino, dab)")
     with_coord_feat: bool = Field(True, description="add the projected per-coordinate feature to the content")
     head_pos_embed: Literal["scalar", "vector", "none"] = Field(
         "scalar", description="per-head positional offset (Deformable flavour): official scalar bug, intended vector, or none")
@@ -153,13 +165,15 @@ class PositiveQueryEncoder(QueryEncoder):
         c = cfg.hidden_dim
         self.cfg = cfg
         self.num_groups = num_groups
-        out = 2 * c if cfg.flavour == "deformable" else c
+        #: the group carries a positional query (``QueryGroup.pos``): Deformable / Conditional decoders need one
+        self.explicit_pos = cfg.flavour in EXPLICIT_POS_FLAVOURS
+        out = 2 * c if self.explicit_pos else c
         self.pos_trans = nn.ModuleList(nn.Linear(2 * c, out) for _ in range(num_groups))
         self.pos_norm = nn.ModuleList(nn.LayerNorm(out) for _ in range(num_groups))
         if cfg.with_coord_feat:
             self.feat_trans = nn.ModuleList(nn.Linear(c, c) for _ in range(num_groups))
             self.feat_norm = nn.ModuleList(nn.LayerNorm(c) for _ in range(num_groups))
-        if cfg.flavour == "deformable" and cfg.head_pos_embed != "none":
+        if self.explicit_pos and cfg.head_pos_embed != "none":
             width = 1 if cfg.head_pos_embed == "scalar" else c
             self.head_pos_embed = nn.Parameter(torch.empty(num_groups, width))
         else:
@@ -185,7 +199,7 @@ class PositiveQueryEncoder(QueryEncoder):
         boxes = inverse_sigmoid(reference).sigmoid()
         pe = sine_box_embedding(boxes, num_feats=c // 2, temperature=self.cfg.pe_temperature, order="xywh")
         t = self.pos_norm[group](self.pos_trans[group](pe.to(self.pos_trans[group].weight.dtype)))
-        if self.cfg.flavour == "deformable":
+        if self.explicit_pos:
             pos, content = t[..., :c], t[..., c:]
             if self.head_pos_embed is not None:
                 pos = pos + self.head_pos_embed[group]

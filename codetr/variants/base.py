@@ -159,10 +159,15 @@ class DeformableVariant(DETRVariant):
             nn.init.xavier_uniform_(self.enc_output.weight)
 
     # ------------------------------------------------------------------ heads
+    def proposal_count(self) -> int:
+        """Encoder proposals the two-stage top-k keeps now (before clamping to the token count):
+        ``num_proposals``; a variant whose count depends on the mode overrides this."""
+        return self.num_proposals
+
     @property
     def min_tokens(self) -> int:
-        """Two-stage variants select ``num_proposals`` encoder tokens, so they need at least that many."""
-        return self.num_proposals if self.two_stage else 0
+        """Two-stage variants select :meth:`proposal_count` encoder tokens, so they need at least that many."""
+        return self.proposal_count() if self.two_stage else 0
 
     def class_head(self, index: int) -> nn.Linear:
         """Class head of decoder layer ``index`` (``num_decoder_layers`` = the two-stage encoder head)."""
@@ -192,8 +197,8 @@ class DeformableVariant(DETRVariant):
 
     def encoder_proposals(self, memory: Tensor, inputs: EncoderInputs) -> dict[str, Tensor]:
         """Two-stage proposals of the (B, S, C) memory with the encoder head (index ``num_decoder_layers``),
-        ranked by ``proposal_score``, top ``num_proposals`` kept (:func:`two_stage_proposals`)."""
+        ranked by ``proposal_score``, top :meth:`proposal_count` kept (:func:`two_stage_proposals`)."""
         head = self.num_decoder_layers
         return two_stage_proposals(memory, inputs, self.enc_output, self.enc_output_norm, self.class_head(head),
-                                   self.box_head(head), self.num_proposals, score=self.proposal_score,
+                                   self.box_head(head), self.proposal_count(), score=self.proposal_score,
                                    mask_invalid=self.cfg.two_stage_mask_invalid, loss_on=self.proposal_loss_on)

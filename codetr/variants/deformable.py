@@ -11,7 +11,18 @@ One module covers
   ``+ look_forward_twice`` (layer ``l``'s box is built on layer ``l-1``'s *undetached* refined box),
 
 i.e. Deformable-DETR++ (``preset: deformable_detr_pp``), which is the one-to-one branch of official
-Co-Deformable-DETR. Numerics follow the official Sense-X Co-DETR (mmdet 2.25) and mmdet 3.x implementations
+Co-Deformable-DETR, and
+
+* ``+ num_queries_one2many`` > 0: **H-Deformable-DETR**'s hybrid matching branch (``preset: h_deformable_detr``:
+  Deformable-DETR++ + 1500 one-to-many queries). During training the decoder gets ``num_queries`` one-to-one +
+  ``num_queries_one2many`` one-to-many queries in one group (two-stage: the encoder top-k is their sum, 1800;
+  one-to-one first), with a self-attention mask that blocks attention between the two parts in both
+  directions; :meth:`DeformableDETR.split_outputs` splits them into "main" (the set criterion) and "one2many",
+  whose loss (:meth:`DeformableDETR.group_loss`) matches the GT **repeated** ``k_one2many`` times with the same
+  Hungarian matcher on every decoder layer (``[d{i}.]loss_*_one2many`` x ``lambda_one2many``). At inference
+  only the one-to-one queries exist (two-stage top-k = ``num_queries``; the learned content queries of mixed
+  selection are the first ``num_queries`` rows), so predictions do not depend on the one-to-many part. With
+  ``num_queries_one2many: 0`` the module is exactly Deformable-DETR++ (same parameters, same computation). Numerics follow the official Sense-X Co-DETR (mmdet 2.25) and mmdet 3.x implementations
 (see ``tests/variants/test_deformable_parity.py`` and the fixture READMEs).
 
 State-dict layout (prefix ``variant.`` in a detector)::
@@ -46,7 +57,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from codetr.core.interfaces import EXTRAS_TOPK_BOXES_UNACT, DecoderOutputs, Memory, QueryGroup
+from codetr.core.interfaces import EXTRAS_TOPK_BOXES_UNACT, Criterion, DecoderOutputs, Memory, QueryGroup
 from codetr.core.registry import Component, ComponentConfig
 from codetr.core.structures import Batch
 from codetr.ops.position import sine_box_embedding
@@ -54,7 +65,8 @@ from codetr.variants.base import DeformableVariant, with_shared_fallbacks
 from codetr.variants.layers import (DeformableDecoderLayer, LayerStack, apply_box_delta, init_prediction_heads,
                                     stack_references)
 
-__all__ = ["PRESETS", "DeformableDETRConfig", "DeformableDETR", "build", "COMPONENT"]
+__all__ = ["PRESETS", "ONE2MANY", "DeformableDETRConfig", "DeformableDETR", "hybrid_attention_mask", "build",
+           "COMPONENT"]
 
 #: Field values a ``preset`` fills in. Precedence: a field given explicitly in the config always wins over
 #: the preset, and the preset wins over the field's default. ``num_queries`` is a recipe-level (shared) field,
@@ -70,7 +82,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dropout": 0.0,
     },
 }
-_PRESET_NUM_QUERIES = {"deformable_detr_pp": 300}
+#: H-Deformable-DETR = Deformable-DETR++ + the hybrid one-to-many branch (H-DETR ``r50_hybrid_branch_lambda1``
+#: configs: 300 one-to-one + 1500 one-to-many queries, k = 6, lambda 1).
+PRESETS["h_deformable_detr"] = {**PRESETS["deformable_detr_pp"], "num_queries_one2many": 1500, "k_one2many": 6,
+                                "lambda_one2many": 1.0}
+_PRESET_NUM_QUERIES = {"deformable_detr_pp": 300, "h_deformable_detr": 300}
+
+#: Name of the one-to-many part of a hybrid group (loss suffix ``_one2many``).
+ONE2MANY = "one2many"
 
 #: Fallbacks for shared fields when a config is built outside a recipe (unit tests, notebooks).
 _SHARED_FALLBACKS = {"hidden_dim": 256, "num_levels": 4, "num_decoder_layers": 6, "num_queries": 300}
@@ -86,7 +105,7 @@ class DeformableDETRConfig(ComponentConfig):
     """
 
     type: Literal["deformable_detr"] = "deformable_detr"
-    preset: Literal["deformable_detr_pp"] | None = None
+    preset: Literal["deformable_detr_pp", "h_deformable_detr"] | None = None
 
     hidden_dim: int | None = None
     num_queries: int | None = None
@@ -119,6 +138,12 @@ class DeformableDETRConfig(ComponentConfig):
     #: how much padding the batch has; masking keeps "batch size doesn't change the result". Numerically equal
     #: to the official code whenever it would not select an invalid proposal (all fixtures).
     two_stage_mask_invalid: bool = True
+    #: H-Deformable-DETR hybrid branch: extra one-to-many queries at training time (0 = off, Deformable-DETR++).
+    num_queries_one2many: int = Field(0, ge=0)
+    #: each GT is repeated this many times as the one-to-many targets (H-DETR ``k_one2many``)
+    k_one2many: int = Field(6, ge=1)
+    #: weight of the ``*_one2many`` losses (H-DETR ``lambda_one2many``)
+    lambda_one2many: float = Field(1.0, ge=0)
     #: Activation checkpointing of the first N encoder layers (official ``with_cp``; Co-DINO uses 4-6).
     encoder_checkpoint_layers: int = Field(0, ge=0)
     prior_prob: float = 0.01
@@ -145,6 +170,10 @@ class DeformableDETRConfig(ComponentConfig):
                 and self.two_stage_num_proposals != self.num_queries:
             raise ValueError("with mixed_selection every proposal gets a learned content query, so "
                              "two_stage_num_proposals must equal num_queries")
+        if self.num_queries_one2many and self.two_stage_num_proposals is not None:
+            raise ValueError("num_queries_one2many (hybrid branch) sets the two-stage top-k itself (num_queries + "
+                             "num_queries_one2many at training, num_queries at test); leave two_stage_num_proposals "
+                             "unset")
         return self
 
 
@@ -167,10 +196,12 @@ class DeformableDETR(DeformableVariant):
         self.mixed_selection = cfg.mixed_selection
         self.look_forward_twice = cfg.look_forward_twice
         self.share_heads = (not cfg.with_box_refine) if cfg.share_heads is None else cfg.share_heads
+        self.num_one2many = cfg.num_queries_one2many
         self.num_proposals = cfg.two_stage_num_proposals or self.num_queries
         if self.mixed_selection and self.num_proposals != self.num_queries:
             raise ValueError(f"mixed_selection: two_stage_num_proposals ({self.num_proposals}) must equal "
                              f"num_queries ({self.num_queries}), one learned content query per proposal")
+        total = self.num_queries + self.num_one2many  # learned query rows (one-to-one first)
 
         layer_args = self._build_encoder(cfg)
         self.decoder = LayerStack(DeformableDecoderLayer(*layer_args) for _ in range(self.num_decoder_layers))
@@ -179,10 +210,10 @@ class DeformableDETR(DeformableVariant):
             self._build_enc_output()
             self.pos_trans = nn.Linear(2 * c, 2 * c)
             self.pos_trans_norm = nn.LayerNorm(2 * c)
-            self.query_embedding = nn.Embedding(self.num_queries, c) if self.mixed_selection else None
+            self.query_embedding = nn.Embedding(total, c) if self.mixed_selection else None
             self.reference_points = None
         else:
-            self.query_embedding = nn.Embedding(self.num_queries, 2 * c)
+            self.query_embedding = nn.Embedding(total, 2 * c)
             self.reference_points = nn.Linear(c, 2)
         self.init_weights()
 
@@ -203,22 +234,73 @@ class DeformableDETR(DeformableVariant):
             for head in self.box_heads:
                 nn.init.constant_(head.layers[-1].bias[2:], 0.0)
 
+    # ------------------------------------------------------------------ hybrid branch
+    @property
+    def hybrid_active(self) -> bool:
+        """True while the one-to-many queries exist: a hybrid model (``num_queries_one2many`` > 0) in training."""
+        return self.num_one2many > 0 and self.training
+
+    def proposal_count(self) -> int:
+        """Two-stage top-k: ``num_queries + num_queries_one2many`` while training a hybrid model (H-DETR: 1800),
+        else ``num_proposals`` (300; the top 300 of the ranking are the same tokens either way)."""
+        return self.num_proposals + (self.num_one2many if self.hybrid_active else 0)
+
     # ------------------------------------------------------------------ queries
     def make_queries(self, memory: Memory, batch: Batch | None = None) -> list[QueryGroup]:
+        """The one-to-one queries ("main"); while training a hybrid model (with a batch) the one-to-many
+        queries follow them in the same group with the two-way blocking mask (:func:`hybrid_attention_mask`)."""
         b = memory.memory.shape[0]
         c = self.hidden_dim
+        hybrid = self.hybrid_active and batch is not None
         if self.two_stage:
             reference = memory.extras[EXTRAS_TOPK_BOXES_UNACT].sigmoid()
+            if not hybrid and self.num_one2many:
+                reference = reference[:, :self.num_queries]
             emb = self.pos_trans_norm(self.pos_trans(self.proposal_embedding(reference)))
             pos, content = emb.split(c, dim=-1)
             if self.mixed_selection:
-                content = self.query_embedding.weight.unsqueeze(0).expand(b, -1, -1)
+                weight = self.query_embedding.weight[:reference.shape[1]] if self.num_one2many \
+                    else self.query_embedding.weight
+                content = weight.unsqueeze(0).expand(b, -1, -1)
         else:
-            pos, content = self.query_embedding.weight.split(c, dim=-1)
+            weight = self.query_embedding.weight
+            weight = weight if hybrid or not self.num_one2many else weight[:self.num_queries]
+            pos, content = weight.split(c, dim=-1)
             pos = pos.unsqueeze(0).expand(b, -1, -1)
             content = content.unsqueeze(0).expand(b, -1, -1)
             reference = self.reference_points(pos).sigmoid()
-        return [QueryGroup(name="main", content=content, reference=reference, pos=pos)]
+        n1, total = self.num_queries, content.shape[1]
+        if not hybrid or total <= n1:  # (a two-stage top-k clamped to a tiny image's tokens leaves no o2m query)
+            return [QueryGroup(name="main", content=content, reference=reference, pos=pos)]
+        mask = hybrid_attention_mask(n1, total, device=content.device)
+        return [QueryGroup(name="main", content=content, reference=reference, pos=pos, self_attn_mask=mask,
+                           extras={"one2one_num_queries": n1})]
+
+    def split_outputs(self, group: QueryGroup, outputs: DecoderOutputs) -> list[tuple[QueryGroup, DecoderOutputs]]:
+        """``[("main", one-to-one part), ("one2many", the rest)]`` for a hybrid group, else the group itself."""
+        n = group.extras.get("one2one_num_queries")
+        if n is None:
+            return [(group, outputs)]
+        n = int(n)
+
+        def part(lo: int | None, hi: int | None) -> DecoderOutputs:
+            return DecoderOutputs(logits=outputs.logits[:, :, lo:hi], boxes=outputs.boxes[:, :, lo:hi],
+                                  hidden=outputs.hidden[:, :, lo:hi], references=outputs.references[:, :, lo:hi])
+
+        main = QueryGroup(name=group.name, content=group.content[:, :n], reference=group.reference[:, :n],
+                          pos=group.pos[:, :n])
+        many = QueryGroup(name=ONE2MANY, content=group.content[:, n:], reference=group.reference[:, n:],
+                          pos=group.pos[:, n:])
+        return [(main, part(None, n)), (many, part(n, None))]
+
+    def group_loss(self, group: QueryGroup, outputs: DecoderOutputs, batch: Batch, criterion: Criterion
+                   ) -> dict[str, Tensor]:
+        """Hybrid one-to-many losses ``[d{i}.]loss_{cls,bbox,iou}_one2many``: every GT repeated ``k_one2many``
+        times, Hungarian-matched per decoder layer, times ``lambda_one2many`` (H-DETR ``train_hybrid``)."""
+        if group.name != ONE2MANY:
+            return super().group_loss(group, outputs, batch, criterion)
+        return criterion.repeated_target_loss(outputs, batch, self.cfg.k_one2many, suffix="_" + ONE2MANY,
+                                              weight=self.cfg.lambda_one2many)
 
     def proposal_embedding(self, boxes: Tensor) -> Tensor:
         """(B, Q, 4) normalised cxcywh -> (B, Q, 4 * C/2) sine embedding (cx, cy, w, h), temperature 10000, 2pi."""
@@ -253,6 +335,15 @@ class DeformableDETR(DeformableVariant):
             boxes.append(box)
         return DecoderOutputs(logits=torch.stack(logits), boxes=torch.stack(boxes), hidden=torch.stack(hidden),
                               references=stack_references(refs))
+
+
+def hybrid_attention_mask(num_one2one: int, total: int, device: torch.device | None = None) -> Tensor:
+    """(total, total) bool decoder self-attention mask, True = blocked: the first ``num_one2one`` queries and the
+    other ``total - num_one2one`` (one-to-many) queries never attend to each other (H-DETR ``self_attn_mask``)."""
+    mask = torch.zeros(total, total, dtype=torch.bool, device=device)
+    mask[num_one2one:, :num_one2one] = True
+    mask[:num_one2one, num_one2one:] = True
+    return mask
 
 
 def build(cfg: DeformableDETRConfig) -> DeformableDETR:

@@ -20,6 +20,7 @@ from codetr.core.registry import component_field
 
 __all__ = [
     "StrictModel",
+    "AdapterConfig",
     "CoDETRConfig",
     "TestConfig",
     "ModelConfig",
@@ -53,12 +54,37 @@ class EMAConfig(StrictModel):
     warmup: int = Field(2000, ge=0, description="updates over which the decay ramps up: decay * (1 - exp(-t / warmup))")
 
 
+class AdapterConfig(StrictModel):
+    """``model.co_detr.adapter``: how the encoder output becomes the aux heads' feature pyramid (paper §3.2).
+
+    * ``multi_scale`` (official Co-DETR): the encoder levels + ``num_extra`` stride-2 Conv3x3 + GN levels.
+    * ``single_scale`` (paper §A2, for single-scale encoders such as Conditional / DAB-DETR): from the one
+      encoder map of stride s, bilinear x2 + Conv3x3 + GN levels down to ``min_stride`` and stride-2 Conv3x3 +
+      GN levels up to ``max_stride`` (ViTDet-like), e.g. C5 (s = 32) -> strides 8, 16, 32, 64, 128.
+    * ``auto``: ``single_scale`` when ``model.num_levels`` is 1, else ``multi_scale``.
+    """
+
+    type: Literal["auto", "multi_scale", "single_scale"] = "auto"
+    num_extra: int = Field(1, ge=0, description="multi_scale: extra coarser levels (official: 1)")
+    min_stride: int = Field(8, ge=1, description="single_scale: finest pyramid stride (a power-of-2 fraction of s)")
+    max_stride: int = Field(128, ge=1, description="single_scale: coarsest pyramid stride (a power-of-2 multiple of s)")
+    norm_groups: int = Field(32, ge=1, description="GroupNorm groups of the new levels")
+
+    @model_validator(mode="after")
+    def _strides(self) -> "AdapterConfig":
+        if self.min_stride > self.max_stride:
+            raise ValueError(f"min_stride ({self.min_stride}) must be <= max_stride ({self.max_stride})")
+        return self
+
+
 class CoDETRConfig(StrictModel):
     """Collaborative hybrid assignment settings (used when ``model.aux_heads`` is non-empty)."""
 
     lambda_1: float = Field(1.0, ge=0, description="weight of the customized-positive-query losses")
     lambda_2: float = Field(2.0, ge=0, description="aux-head losses are multiplied by lambda_2 * num_decoder_layers")
     with_pos_queries: bool = Field(True, description="decode customized positive queries (paper eq. 4-6)")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig,
+                                   description="encoder output -> aux feature pyramid (multi- or single-scale)")
     eval_module: str | int = Field(
         "detr", description="what codetr eval / predict runs: detr (default), or one aux head on its own: its "
                             "index k or 'aux{k}', its type (e.g. atss, faster_rcnn, a plugin's) or the official "

@@ -80,6 +80,7 @@ __all__ = [
     "image_extension",
     "category_mapping",
     "load_index",
+    "parse_index",
     "save_index",
     "atomic_write_bytes",
     "format_validation_error",
@@ -351,8 +352,22 @@ def load_index(path: str | os.PathLike[str]) -> tuple[DatasetIndex, Path]:
     if not p.exists():
         raise DataError(f"{p}: index file not found")
     try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{p}: cannot read index file ({exc})") from exc
+    return parse_index(text, str(p)), p.parent
+
+
+def parse_index(text: str | bytes, where: str) -> DatasetIndex:
+    """Validate the text of an ``index.json`` (read from ``where``: a path or URL, named in every error).
+
+    Raises:
+        DataError: invalid JSON, not a codetr index, unsupported version or invalid content.
+    """
+    p = where
+    try:
+        raw = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{p}: cannot read index file ({exc})") from exc
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         raise DataError(f"{p}: not a codetr shard index (expected \"format\": \"{FORMAT_NAME}\")")
@@ -366,7 +381,7 @@ def load_index(path: str | os.PathLike[str]) -> tuple[DatasetIndex, Path]:
         index = DatasetIndex.model_validate(raw)
     except ValidationError as exc:
         raise DataError(f"{p}: invalid index file: {format_validation_error(exc)}") from exc
-    return index, p.parent
+    return index
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

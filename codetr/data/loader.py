@@ -82,6 +82,7 @@ from codetr.core.config.data import CocoSourceConfig, DataSourceConfig
 from codetr.data.coco_folder import CocoFolderDataset, CocoFolderLoader
 from codetr.data.format import DataError
 from codetr.data.loader_base import DetectionLoader, LoaderOptions
+from codetr.data.remote import RemoteOptions
 from codetr.data.shards import resolve_shards
 from codetr.data.stream import ShardLoader
 from codetr.data.transforms import TransformPipeline, build_transforms
@@ -180,6 +181,7 @@ def build_loader(
         pin_memory=pin_memory,
         prefetch_factor=cfg.prefetch_factor,
         multiprocessing_context=multiprocessing_context,
+        remote=RemoteOptions(cfg.retries, cfg.retry_backoff_s, cfg.fetch_timeout_s),
     )
     if cfg.coco is not None:
         dataset = CocoFolderDataset(cfg.coco.ann_file, cfg.coco.images_dir, transform, seed=seed)

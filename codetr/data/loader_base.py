@@ -10,13 +10,14 @@ Semantics (distributed, resuming): :mod:`codetr.data.loader`.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from torch.utils.data import DataLoader
 
 from codetr.core.structures import Batch
 from codetr.data.format import DataError
+from codetr.data.remote import RemoteOptions
 from codetr.data.shards import DatasetInfo, resolve_rank_world
 
 __all__ = ["LoaderOptions", "DetectionLoader", "SkipReport"]
@@ -45,6 +46,8 @@ class LoaderOptions:
         prefetch_factor: batches each worker loads ahead (used only with ``num_workers > 0``).
         multiprocessing_context: DataLoader worker start method/context (``None`` = torch's default;
             used only with ``num_workers > 0``).
+        remote: how ``http(s)://`` / ``pipe:`` shards are fetched (retries, back-off, time-out; see
+            :mod:`codetr.data.remote`).
 
     Raises:
         DataError: ``batch_size < 1`` or ``num_workers < 0``.
@@ -60,6 +63,7 @@ class LoaderOptions:
     pin_memory: bool = False
     prefetch_factor: int = 2
     multiprocessing_context: Any = None
+    remote: RemoteOptions = field(default_factory=RemoteOptions)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Sequence
 
 from codetr.core.dist import get_rank, get_world_size, is_distributed
-from codetr.data.format import INDEX_FILENAME, CategoryInfo, DataError, load_index
+from codetr.data.format import INDEX_FILENAME, CategoryInfo, DataError, load_index, parse_index
+from codetr.data.remote import RemoteOptions, fetch_bytes
 from codetr.data.transforms import sample_rng
 
 __all__ = [
@@ -107,16 +108,25 @@ def _is_local(url: str) -> bool:
 
 
 def resolve_shards(
-    source: str | os.PathLike[str] | Sequence[str], num_samples: int | None = None, *, require_count: bool = True
+    source: str | os.PathLike[str] | Sequence[str], num_samples: int | None = None, *, require_count: bool = True,
+    remote: RemoteOptions | None = None,
 ) -> ShardSet:
     """Resolve an index file, a directory with ``index.json``, or shard URLs/patterns into a ShardSet.
 
     Local shard paths must exist. ``require_count=False`` (inspection tools) accepts bare URLs without
-    ``num_samples`` (``info.num_samples`` is then 0).
+    ``num_samples`` (``info.num_samples`` is then 0). An ``http(s)://.../index.json`` is fetched (with the
+    ``remote`` retries) and its shard names resolve relative to its URL, so a converted folder served over HTTP
+    is used exactly like the local one.
 
     Raises:
         DataError: no index found and ``num_samples`` missing, empty URL list, or invalid index.
     """
+    if isinstance(source, str) and source.startswith(("http://", "https://")) and source.endswith(".json"):
+        index = parse_index(fetch_bytes(source, remote or RemoteOptions()), source)
+        if index.num_samples == 0:
+            raise DataError(f"{source}: the index lists no samples")
+        return ShardSet(urls=tuple(index.shard_urls(source.rsplit("/", 1)[0])), sizes=tuple(index.shard_sizes),
+                        info=DatasetInfo(index.num_samples, tuple(index.categories), source))
     if isinstance(source, (str, os.PathLike)):
         p = Path(source)
         if p.is_dir() or p.suffix == ".json":

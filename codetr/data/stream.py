@@ -23,6 +23,7 @@ from codetr.data.collate import Sample, collate
 from codetr.data.decode import CorruptSampleError, blank_sample, decode_image, make_sample, parse_shard_sample
 from codetr.data.format import DataError
 from codetr.data.loader_base import DetectionLoader, LoaderOptions, _Item, _SkipCounter
+from codetr.data.remote import RemoteOptions, is_remote, open_shard
 from codetr.data.shards import EpochPlan, ShardSet, WorkerPlan, _worker_skip, plan_epoch, resolve_shards
 from codetr.data.transforms import Transform, build_transforms, sample_rng
 
@@ -76,6 +77,7 @@ class _ShardStream(IterableDataset):
         num_classes: int | None,
         skip_batches: int,
         source: str = "",
+        remote: RemoteOptions = RemoteOptions(),
     ):
         self.source = source or (urls[0] if urls else "?")
         self.urls = list(urls)
@@ -87,20 +89,38 @@ class _ShardStream(IterableDataset):
         self.pad_to = pad_to
         self.num_classes = num_classes
         self.skip_batches = skip_batches
+        self.remote = remote
 
     # -- helpers -----------------------------------------------------------------------------
     def _collate(self, samples: list[Sample]) -> Batch:
         return collate(samples, self.size_divisor, self.pad_to)
 
+    def _open(self, order: list[int], handler) -> Iterator[dict[str, Any]]:
+        """``{"url", "stream"}`` per shard: local files through webdataset's opener (an unreadable one goes to
+        ``handler``, i.e. the skip report); remote ones fetched whole with retries, raising
+        :class:`~codetr.data.remote.ShardFetchError` (naming the URL) when every attempt fails."""
+        from webdataset.tariterators import url_opener
+
+        for i in order:
+            url = self.urls[i]
+            if not is_remote(url):
+                yield from url_opener(iter([{"url": url}]), handler=handler)
+                continue
+            stream = open_shard(url, self.remote)
+            try:
+                yield {"url": url, "stream": stream}
+            finally:
+                stream.close()
+
     def _raw_pass(self, wp: WorkerPlan, cycle: int, counter: _SkipCounter) -> Iterator[dict[str, Any]]:
-        from webdataset.tariterators import tarfile_samples
+        from webdataset.tariterators import group_by_keys, tar_file_expander
 
         order = list(wp.shards)
         if cycle > 0:
             sample_rng("wrap", self.seed, self.plan.epoch, self.plan.rank, order, cycle).shuffle(order)
         # workers sharing their shards (stride > 1) all see the same tar-level errors: count them once
         handler = counter if wp.offset == 0 else _ignore_error
-        stream = tarfile_samples(iter([{"url": self.urls[i]} for i in order]), handler=handler)
+        stream = group_by_keys(tar_file_expander(self._open(order, handler), handler=handler), handler=handler)
         for i, raw in enumerate(stream):
             if i % wp.stride == wp.offset:
                 yield raw
@@ -279,8 +299,10 @@ class ShardLoader(DetectionLoader):
         shuffle_buffer: int = 1000,
         num_samples: int | None = None,
     ):
-        shard_set = shards if isinstance(shards, ShardSet) else resolve_shards(shards, num_samples)
+        shard_set = shards if isinstance(shards, ShardSet) else resolve_shards(shards, num_samples,
+                                                                              remote=options.remote)
         super().__init__(info=shard_set.info, options=options)
+        self.remote = options.remote
         self.shards = shard_set
         self.transform = transform if transform is not None else build_transforms({"kind": "none"}, self.train)
         self.shuffle_buffer = int(shuffle_buffer) if self.train else 0
@@ -331,5 +353,6 @@ class ShardLoader(DetectionLoader):
             num_classes=self.info.num_classes,
             skip_batches=skip,
             source=self.info.source,
+            remote=self.remote,
         )
         return self._dataloader(dataset, batch_size=None)

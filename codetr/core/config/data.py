@@ -89,6 +89,8 @@ class DataSourceConfig(BaseModel):
         prefetch_factor: batches prefetched per worker.
         size_divisor: pad batch canvases to a multiple of this.
         transforms: augmentation recipe (train and eval pipelines are derived from it).
+        retries / retry_backoff_s / fetch_timeout_s: remote (``http(s)://``, ``pipe:``) shards are fetched
+            whole, retried with exponential back-off, then reported with their URL (:mod:`codetr.data.remote`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -103,6 +105,9 @@ class DataSourceConfig(BaseModel):
     prefetch_factor: int = Field(default=2, gt=0)
     size_divisor: int = Field(default=1, ge=1)
     transforms: TransformsConfig = Field(default_factory=TransformsConfig)
+    retries: int = Field(default=3, ge=0, description="http(s):// and pipe: shards: retries after a failed fetch")
+    retry_backoff_s: float = Field(default=0.5, ge=0, description="first retry delay, doubled each time (max 30 s)")
+    fetch_timeout_s: float = Field(default=60.0, gt=0, description="time-out of one remote shard fetch")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSourceConfig":

@@ -13,12 +13,12 @@ from typing import Annotated, Optional
 import typer
 
 from codetr.cli.common import SET_HELP, console, fail, load, user_errors
+from codetr.engine.preemption import PREEMPTED_EXIT_CODE
 
 __all__ = ["train", "eval_cmd", "predict", "register", "PREEMPTED_EXIT_CODE"]
 
 #: exit code of a run stopped by SIGTERM after checkpointing (BSD EX_TEMPFAIL: "try again"), so a scheduler
 #: can tell it from a finished run (0) and from an error (1)
-PREEMPTED_EXIT_CODE = 75
 
 
 def _engine_errors():

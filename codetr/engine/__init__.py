@@ -15,6 +15,7 @@ module             what
 ``rng``            ``seed_all``, ``isolated_rng``
 ``factories``      default model (``build_detector``) and loader (``build_loader``) factories
 ``errors``         ``TrainingError``
+``preemption``     stop signals (SIGTERM, SIGUSR1) -> checkpoint + clean stop, ``PREEMPTED_EXIT_CODE`` (75)
 ``optim``          ``build_optimizer`` (named param groups), ``build_scheduler`` (warmup + steps),
                    ``OptimizerStepper`` (accumulation, clipping, GradScaler)
 ``distributed``    ``init_distributed`` (torchrun / Slurm env), collectives, device resolution, DDP

@@ -38,8 +38,6 @@ deterministic implementation, so CUDA runs of MSDA models are not bit-reproducib
 from __future__ import annotations
 
 import os
-import signal
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -73,6 +71,7 @@ from codetr.engine.optim import (
     total_iterations,
 )
 from codetr.engine.precision import amp_dtype, configure_determinism
+from codetr.engine.preemption import install_stop_handlers
 from codetr.engine.rng import seed_all
 from codetr.engine.run_dir import claim_output_dir, ensure_output_dir
 from codetr.engine.step_health import GroupResult, StepHealth
@@ -436,23 +435,15 @@ class Trainer:
         if ((periodic or epoch_done or finished or stop) and self._last_saved_iteration != self.iteration) or improved:
             self.save(best=improved)
         if stop:
-            self.say(f"[yellow]SIGTERM received: checkpoint saved at iteration {self.iteration}; "
-                     "resume with --resume auto[/]")
+            self.say(f"[yellow]stop signal (SIGTERM / SIGUSR1) received: checkpoint saved at iteration "
+                     f"{self.iteration}; resume with --resume auto[/]")
             self.log.write({"type": "preempted", "iteration": self.iteration})
         return stop
 
     def _install_sigterm(self) -> Callable[[], None]:
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-
-        def handler(signum, frame):  # noqa: ARG001
-            self._stop_requested = True
-
-        try:
-            old = signal.signal(signal.SIGTERM, handler)
-        except (ValueError, OSError):  # pragma: no cover
-            return lambda: None
-        return lambda: signal.signal(signal.SIGTERM, old)
+        """Stop signals (SIGTERM, SIGUSR1: :mod:`codetr.engine.preemption`) request a checkpoint and a clean stop;
+        every rank agrees on it at the next step. Returns the function restoring the previous handlers."""
+        return install_stop_handlers(lambda: setattr(self, "_stop_requested", True))
 
     # ------------------------------------------------------------------ evaluation
     def _periodic_eval(self) -> bool:

@@ -168,14 +168,16 @@ def test_unused_parameters_are_named(synth_data, tmp_path):
     assert "unused.weight" in text and "DDP" in text
 
 
-def test_sigterm_saves_and_resume_auto_continues(synth_data, tmp_path):
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])  # SIGUSR1: SLURM --signal=USR1@<s> before the limit
+def test_stop_signal_saves_and_resume_auto_continues(synth_data, tmp_path, signame):
     import os
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers can only be installed from the main thread")
-    previous = signal.getsignal(signal.SIGTERM)
+    sig = getattr(signal, signame)
+    previous = signal.getsignal(sig)
     sections = dict(val=False, schedule={"iterations": 5}, runtime={"seed": 9})
     full = Trainer(make_recipe(synth_data, tmp_path / "full", **sections), model_factory=fake_factory(),
                    console=quiet_console())
@@ -183,15 +185,15 @@ def test_sigterm_saves_and_resume_auto_continues(synth_data, tmp_path):
 
     class Preempted(FakeDetector):
         def loss(self, batch):
-            if self.calls == 2:  # the 3rd forward: SIGTERM arrives mid-step
-                os.kill(os.getpid(), signal.SIGTERM)
+            if self.calls == 2:  # the 3rd forward: the signal arrives mid-step
+                os.kill(os.getpid(), sig)
             return super().loss(batch)
 
     recipe = make_recipe(synth_data, tmp_path / "pre", **sections)
     first = Trainer(recipe, model_factory=lambda cfg: Preempted(cfg.num_classes), console=quiet_console())
     assert first.fit()["status"] == "preempted"
     assert first.iteration == 3 and (tmp_path / "pre" / "checkpoints" / "iter_00000003.pt").is_file()
-    assert signal.getsignal(signal.SIGTERM) == previous  # handler restored after fit
+    assert signal.getsignal(sig) == previous  # handler restored after fit
     second = Trainer(recipe, resume="auto", model_factory=fake_factory(), console=quiet_console())
     assert second.fit()["status"] == "finished" and second.iteration == 5
     for k, v in full.model.state_dict().items():

@@ -184,12 +184,30 @@ def init_distributed(device: str = "auto", timeout: _dt.timedelta | None = None)
                               "timeout": timeout or dist_timeout()}
     if backend == "nccl":
         kwargs["device_id"] = dev
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart not in (None, "0"):
+        kwargs["store"] = _restart_store(rank, world, int(restart), kwargs["timeout"])
     try:
         dist.init_process_group(**kwargs)
     except TypeError:  # older torch without device_id
         kwargs.pop("device_id", None)
         dist.init_process_group(**kwargs)
     return DistInfo(rank, world, local, dev, backend)
+
+
+def _restart_store(rank: int, world: int, restart: int, timeout: _dt.timedelta) -> "dist.Store":
+    """The rendezvous store of a torchrun **restart** (``--max-restarts``), under a key prefix of its own.
+
+    After a worker dies, torchrun restarts every worker against the same store server (the elastic agent's, or
+    rank 0's), which still holds the previous attempt's keys -- among them each rank's Gloo / NCCL listening
+    address. A restarted rank can read the dead process's address and fail with "Connection refused" (seen with
+    gloo on CPU: ``tests/robustness/test_elastic_restart.py``). A per-restart prefix keeps the attempts apart.
+    """
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(host, port, world, is_master=(rank == 0 and not agent_hosts), timeout=timeout,
+                          multi_tenant=not agent_hosts)
+    return dist.PrefixStore(f"codetr/restart_{restart}/", store)
 
 
 def destroy_distributed() -> None:

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 import torchvision
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d as _TVFrozenBatchNorm2d
 
@@ -86,6 +86,11 @@ class ResNetConfig(ComponentConfig):
         with_cp: activation checkpointing of every trainable stage during training (saves memory,
             costs one extra forward of the stage). With ``norm="bn"`` the recomputation updates the running
             statistics a second time (as in mmdet).
+        dilation: "DC5": C5 (``layer4``) replaces its stride 2 by dilation 2 (torchvision
+            ``replace_stride_with_dilation=[False, False, True]``: the first block keeps dilation 1 in its 3x3
+            conv and drops the stride, later blocks use dilation 2), so C5 has stride 16 (the size of C4) and
+            its reported stride is 16. Bottleneck depths (50, 101) only; the weights are unchanged, so ImageNet
+            checkpoints load as they are (DETR / Conditional-DETR / DAB-DETR DC5 models).
     """
 
     type: Literal["resnet"] = "resnet"
@@ -95,6 +100,14 @@ class ResNetConfig(ComponentConfig):
     norm: Literal["frozen_bn", "bn", "gn"] = "frozen_bn"
     weights: Path | None = None
     with_cp: bool = False
+    dilation: bool = False
+
+    @model_validator(mode="after")
+    def _check_dilation(self) -> "ResNetConfig":
+        if self.dilation and self.depth < 50:
+            raise ValueError(f"dilation (DC5) needs a Bottleneck ResNet (depth 50 or 101); torchvision's BasicBlock "
+                             f"(depth {self.depth}) does not support dilation")
+        return self
 
     @field_validator("out_indices")
     @classmethod
@@ -148,24 +161,29 @@ class ResNet(FrozenStagesMixin, nn.Module):
     """
 
     def __init__(self, depth: int = 50, out_indices: tuple[int, ...] = (2, 3, 4), frozen_stages: int = 1,
-                 norm: str = "frozen_bn", with_cp: bool = False) -> None:
+                 norm: str = "frozen_bn", with_cp: bool = False, dilation: bool = False) -> None:
         super().__init__()
         if depth not in _ARCH:
             raise ValueError(f"ResNet depth must be one of {sorted(_ARCH)}, got {depth}")
+        if dilation and depth < 50:
+            raise ValueError(f"dilation (DC5) needs depth 50 or 101, got {depth} (BasicBlock has no dilation)")
         tv = getattr(torchvision.models, _ARCH[depth])(
-            weights=None, norm_layer=_norm_layer(norm), zero_init_residual=norm != "frozen_bn")
+            weights=None, norm_layer=_norm_layer(norm), zero_init_residual=norm != "frozen_bn",
+            replace_stride_with_dilation=[False, False, dilation])
         self.depth = depth
         self.out_indices = tuple(out_indices)
         self.frozen_stages = frozen_stages
         self.norm = norm
         self.with_cp = with_cp
+        self.dilation = dilation
         self.num_stages = max(self.out_indices)
         expansion = 1 if depth < 50 else 4
         self.conv1, self.bn1, self.relu, self.maxpool = tv.conv1, tv.bn1, tv.relu, tv.maxpool
         for s in range(1, self.num_stages + 1):
             setattr(self, f"layer{s}", getattr(tv, f"layer{s}"))
         self.out_channels: list[int] = [_STAGE_WIDTHS[i - 1] * expansion for i in self.out_indices]
-        self.strides: list[int] = [_STAGE_STRIDES[i - 1] for i in self.out_indices]
+        stage_strides = _STAGE_STRIDES[:3] + [16 if dilation else 32]
+        self.strides: list[int] = [stage_strides[i - 1] for i in self.out_indices]
         self.load_report: LoadReport | None = None
         self._freeze_stages()
 
@@ -289,7 +307,7 @@ def _missing_weights_message(path: Path, depth: int) -> str:
 def build_resnet(cfg: ResNetConfig) -> ResNet:
     """Build the backbone of ``cfg`` and load its local weights, if any."""
     model = ResNet(depth=cfg.depth, out_indices=cfg.out_indices, frozen_stages=cfg.frozen_stages,
-                   norm=cfg.norm, with_cp=cfg.with_cp)
+                   norm=cfg.norm, with_cp=cfg.with_cp, dilation=cfg.dilation)
     if cfg.weights is not None:
         path = Path(cfg.weights).expanduser()
         if not path.is_file():

@@ -11,7 +11,10 @@ from rich.table import Table
 
 from codetr.cli.common import SET_HELP, check_output_file, console, fail, load, user_errors
 
-FORMATS = ("sense-x", "mmdet3")
+FORMATS = ("sense-x", "mmdet3", "hf")
+#: recipe variant type -> the HuggingFace ``transformers`` model it converts from (``--format hf``)
+HF_MODELS = {"deformable_detr": "DeformableDetrForObjectDetection",
+             "conditional_detr": "ConditionalDetrForObjectDetection", "dab_detr": "DabDetrForObjectDetection"}
 
 
 def _read_official(path: Path, trust: bool) -> dict:
@@ -31,6 +34,49 @@ def _read_official(path: Path, trust: bool) -> dict:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: not a state dict (expected a mapping of tensors, or a checkpoint with 'state_dict')")
     return obj
+
+
+def _read_hf(path: Path) -> dict:
+    """An HF ``transformers`` state dict: ``model.safetensors`` / ``pytorch_model.bin``, or the ``save_pretrained``
+    directory holding one of them."""
+    if path.is_dir():
+        found = [path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin in this directory")
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(path)))
+        except Exception as exc:
+            raise ValueError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: not an HF state dict (expected a mapping of tensors)")
+    return obj
+
+
+def convert_hf(path: Path, variant_type: str, target_keys: list[str]):
+    """Read an HF ``transformers`` state dict (:func:`_read_hf`) and convert it with the converter of the recipe's
+    variant (``HF_MODELS``)."""
+    if variant_type not in HF_MODELS:
+        raise ValueError(f"no HF transformers model is known for variant {variant_type!r}; --format hf converts "
+                         + ", ".join(f"{v} ({m})" for v, m in HF_MODELS.items()))
+    source = _read_hf(path)
+    if variant_type == "deformable_detr":
+        from codetr.convert.hf import convert_hf_deformable_detr
+
+        return convert_hf_deformable_detr(source, target_keys=target_keys)
+    if variant_type == "conditional_detr":
+        from codetr.convert.hf_single_scale import convert_hf_conditional_detr
+
+        return convert_hf_conditional_detr(source, target_keys=target_keys)
+    from codetr.convert.hf_single_scale import convert_hf_dab_detr
+
+    return convert_hf_dab_detr(source, target_keys=target_keys)
 
 
 def convert_official(source: dict, fmt: str, aux_head_types: list[str], variant_type: str,
@@ -76,7 +122,10 @@ def convert(
     recipe: Annotated[Path, typer.Argument(help="The codetr recipe the weights are for (architecture, aux heads).")],
     checkpoint: Annotated[Path, typer.Argument(help="Official checkpoint (.pth).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output codetr checkpoint.")],
-    fmt: Annotated[str, typer.Option("--format", help="sense-x (Sense-X Co-DETR / mmdet 2.x) or mmdet3.")] = "sense-x",
+    fmt: Annotated[str, typer.Option("--format", help="sense-x (Sense-X Co-DETR / mmdet 2.x), mmdet3, or hf "
+                                                     "(HF transformers Deformable / Conditional / DAB-DETR "
+                                                     "model.safetensors, pytorch_model.bin or save_pretrained "
+                                                     "directory).")] = "sense-x",
     allow_unmatched: Annotated[bool, typer.Option(help="Do not fail on official keys without a counterpart.")] = False,
     trust_checkpoint: Annotated[bool, typer.Option(help="Allow full unpickling (only for files you trust).")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help=SET_HELP)] = None,
@@ -85,7 +134,9 @@ def convert(
     """Convert an official Co-DETR / DETR checkpoint into a codetr checkpoint, with a key-by-key report.
 
     The recipe's model is built and the converted weights are loaded strictly: any missing or unexpected
-    key is an error (unless --allow-unmatched), so a converted file always loads.
+    key is an error (unless --allow-unmatched), so a converted file always loads. With ``--format hf`` the
+    recipe must describe the HF model (``codetr.convert.hf.hf_recipe_model`` /
+    ``codetr.convert.hf_single_scale.hf_conditional_recipe_model`` / ``hf_dab_recipe_model`` write it).
     """
     from codetr.assembly import build_detector
     from codetr.core.config import recipe_to_yaml
@@ -96,11 +147,14 @@ def convert(
     check_output_file(out, [recipe, checkpoint], overwrite)
     with user_errors():
         resolved = load(recipe, list(set_ or []) + ["model.backbone.weights=null"], read_data=False)
-        source = _read_official(checkpoint, trust_checkpoint)
-        sd, report = convert_official(source, fmt, [h.type for h in resolved.model.aux_heads],
-                                      resolved.model.variant.type, allow_unmatched, resolved.model.backbone.type)
         model = build_detector(resolved.model)
         expected = model.state_dict()
+        if fmt == "hf":
+            sd, report = convert_hf(checkpoint, resolved.model.variant.type, list(expected))
+        else:
+            source = _read_official(checkpoint, trust_checkpoint)
+            sd, report = convert_official(source, fmt, [h.type for h in resolved.model.aux_heads],
+                                          resolved.model.variant.type, allow_unmatched, resolved.model.backbone.type)
         missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
         unexpected = [k for k in sd if k not in expected]
         shape = [k for k in sd if k in expected and sd[k].shape != expected[k].shape]

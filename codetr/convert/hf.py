@@ -72,7 +72,8 @@ from torch import Tensor
 
 from codetr.convert.official import ConversionReport, _fold_shared_heads, _unwrap
 
-__all__ = ["convert_hf_deformable_detr", "hf_key", "hf_recipe_model"]
+__all__ = ["convert_hf_deformable_detr", "hf_key", "hf_recipe_model", "hf_backbone_key", "hf_backbone_recipe",
+           "hf_config_get", "hf_tensor_dict"]
 
 _BACKBONE_PREFIXES = ("model.backbone.conv_encoder.model.", "model.backbone.model.")
 _STEM = {"embedder.embedder.convolution.": "conv1.", "embedder.embedder.normalization.": "bn1."}
@@ -109,6 +110,17 @@ _QKV = re.compile(r"^self_attn\.([qkv])_proj\.(weight|bias)$")
 _SIMPLE = ("reference_points.", "enc_output.", "enc_output_norm.", "pos_trans.", "pos_trans_norm.")
 
 
+def hf_backbone_key(key: str) -> str | None:
+    """An HF DETR-family backbone key (``model.backbone.model.*`` / ``model.backbone.conv_encoder.model.*``, HF
+    ResNet or timm names) -> codetr ``backbone.*``; None for any other key (or an unknown backbone tensor).
+    Shared by every HF converter (:mod:`codetr.convert.hf_single_scale` too)."""
+    for prefix in _BACKBONE_PREFIXES:
+        if key.startswith(prefix):
+            sub = _backbone_key(key[len(prefix):])
+            return None if sub is None else "backbone." + sub
+    return None
+
+
 def hf_key(key: str) -> str | None:
     """One HF key -> codetr key (``backbone.*`` / ``neck.*`` / ``variant.*``), or None if it has no 1:1 target.
 
@@ -116,10 +128,8 @@ def hf_key(key: str) -> str | None:
     into ``in_proj_*``) and the input projections (``neck.convs`` vs ``neck.extra_convs`` depends on the
     kernel size).
     """
-    for prefix in _BACKBONE_PREFIXES:
-        if key.startswith(prefix):
-            sub = _backbone_key(key[len(prefix):])
-            return None if sub is None else "backbone." + sub
+    if key.startswith(_BACKBONE_PREFIXES):
+        return hf_backbone_key(key)
     if (m := re.match(r"^(?:model\.decoder\.)?(class|bbox)_embed\.(\d+)\.(.*)$", key)):
         kind, k, tail = m.groups()
         return f"variant.{'class_heads' if kind == 'class' else 'box_heads'}.{k}.{tail}"
@@ -141,9 +151,13 @@ def hf_key(key: str) -> str | None:
     return None
 
 
-def _tensor_dict(sd: Mapping[str, Any]) -> dict[str, Tensor]:
+def hf_tensor_dict(sd: Mapping[str, Any]) -> dict[str, Tensor]:
+    """An HF state dict with a ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper and ``module.`` prefixes removed."""
     sd = _unwrap(sd)
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+
+
+_tensor_dict = hf_tensor_dict
 
 
 def convert_hf_deformable_detr(hf_state_dict: Mapping[str, Tensor], *,
@@ -268,13 +282,19 @@ _RESNET_DEPTHS = {("basic", (2, 2, 2, 2)): 18, ("basic", (3, 4, 6, 3)): 34,
 _RESNET_WIDTHS = {"basic": (64, 128, 256, 512), "bottleneck": (256, 512, 1024, 2048)}
 
 
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
+def hf_config_get(cfg: Any, name: str, default: Any = None) -> Any:
+    """Attribute ``name`` of an HF config object or of its ``to_dict()``."""
     if isinstance(cfg, Mapping):
         return cfg.get(name, default)
     return getattr(cfg, name, default)
 
 
-def _backbone(config: Any, frozen_stages: int) -> dict[str, Any]:
+_get = hf_config_get
+
+
+def hf_backbone_recipe(config: Any, frozen_stages: int) -> dict[str, Any]:
+    """Recipe ``model.backbone`` (``type: resnet``) equivalent to an HF DETR-family config's backbone (HF's own
+    ResNet from ``backbone_config``, or a timm ResNet); ``ValueError`` for backbones codetr cannot build."""
     levels = int(_get(config, "num_feature_levels", 4))
     if _get(config, "use_timm_backbone", False):
         name = str(_get(config, "backbone", "") or "")
@@ -328,7 +348,7 @@ def hf_recipe_model(config: Any, *, frozen_stages: int = 1, topk: int = 100) -> 
         raise ValueError("only activation_function='relu' and position_embedding_type='sine' have codetr equivalents")
     if get("two_stage", False) and not get("with_box_refine", False):
         raise ValueError("HF two_stage requires with_box_refine")
-    backbone = _backbone(config, frozen_stages)
+    backbone = hf_backbone_recipe(config, frozen_stages)
     levels = int(get("num_feature_levels", 4))
     two_stage = bool(get("two_stage", False))
     queries = int(get("two_stage_num_proposals", 300)) if two_stage else int(get("num_queries", 300))

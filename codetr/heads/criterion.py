@@ -287,6 +287,9 @@ class SetCriterion(nn.Module):
         num_layers, b, p, c = logits_all.shape
         device = logits_all.device
         losses: dict[str, Tensor] = {}
+        # every rank takes part in the normaliser's all-reduce, also a rank whose group is empty (e.g. DINO's DN
+        # queries on a rank whose images have no box): skipping it there would leave the others waiting forever
+        cls_norm, box_norm = self._normalisers(float(targets.num_pos), device)
         if p == 0:  # official fallback: 0 * mean(scores) (keeps the graph)
             zero = logits_all.float().sum() * 0.0 + boxes_all.float().sum() * 0.0
             for layer in range(num_layers):
@@ -300,7 +303,6 @@ class SetCriterion(nn.Module):
             box_w = box_w.mean(-1)
         tgt = targets.boxes.to(device).float()
         pos_mask = (labels >= 0) & (labels < c)
-        cls_norm, box_norm = self._normalisers(float(targets.num_pos), device)
         scale = _size_scale(image_sizes.to(device)).unsqueeze(1) if image_sizes is not None else None
         tgt_xyxy = cxcywh_to_xyxy(tgt)
         if scale is not None:

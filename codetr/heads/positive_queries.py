@@ -219,7 +219,12 @@ class PositiveQueryEncoder(QueryEncoder):
         sel = select_positive_queries(coords, batch.image_sizes, self.cfg.num_classes, self.cfg.min_pos_queries,
                                       self.cfg.max_pos_queries, generator)
         content, pos = self.embed(sel.reference, sel.feats, group)
-        return QueryGroup(name=f"aux{group}", content=content, reference=sel.reference, pos=pos), sel.targets
+        reference = sel.reference
+        if self.cfg.flavour == "dab":
+            # DAB's decoder divides by the anchor's w, h (modulated attention): zero-size padding rows and boxes
+            # sticking out of the image are brought into (0, 1) the way the embedding already sees them
+            reference = inverse_sigmoid(reference).sigmoid()
+        return QueryGroup(name=f"aux{group}", content=content, reference=reference, pos=pos), sel.targets
 
 
 def build_positive_queries(cfg: PositiveQueriesConfig, num_groups: int) -> PositiveQueryEncoder:

@@ -221,3 +221,28 @@ def test_component_through_registry():
     cfg = reg.validate("backbones", {"type": "resnet", "depth": 18})
     model = reg.build("backbones", cfg)
     assert isinstance(model, ResNet) and model.out_channels == [128, 256, 512]
+
+
+def test_dilation_dc5_stride_16_and_torchvision_semantics():
+    """``dilation: true`` = torchvision ``replace_stride_with_dilation=[False, False, True]``: C5 keeps C4's
+    resolution (stride 16, reported as such), the first layer4 block drops its stride (dilation 1), the others
+    dilate by 2; the weights are the undilated model's (checkpoints load unchanged)."""
+    torch.manual_seed(0)
+    m = build_resnet(ResNetConfig(depth=50, out_indices=(3, 4), dilation=True, norm="bn")).eval()
+    assert m.strides == [16, 16]
+    c4, c5 = m(torch.randn(1, 3, 64, 96))
+    assert c4.shape[-2:] == c5.shape[-2:] == (4, 6)
+    assert m.layer4[0].conv2.stride == (1, 1) and m.layer4[0].conv2.dilation == (1, 1)
+    assert m.layer4[1].conv2.dilation == (2, 2) and m.layer4[0].downsample[0].stride == (1, 1)
+    plain = ResNet(depth=50, out_indices=(3, 4), norm="bn")
+    assert plain.strides == [16, 32]
+    plain.load_state_dict(m.state_dict())  # same parameters
+    tv = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, False, True]).eval()
+    tv.load_state_dict({**m.state_dict(), **{k: v for k, v in tv.state_dict().items() if k.startswith("fc.")}})
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        ref = tv.layer4(tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))))))
+        torch.testing.assert_close(m(x)[-1], ref)
+    assert ResNet(depth=50, out_indices=(4,), dilation=True).strides == [16]
+    with pytest.raises(ValidationError, match="dilation"):
+        ResNetConfig(depth=18, dilation=True)

@@ -27,11 +27,10 @@ valid ratios, encoder reference points and proposal grid use the valid extent of
 from __future__ import annotations
 
 import re
-from itertools import chain
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from tests._reference import require_module
 
@@ -42,13 +41,12 @@ from codetr.assembly import build_detector  # noqa: E402
 from codetr.assembly import load_recipe_dict  # noqa: E402
 from codetr.core.interfaces import (EXTRAS_ENC_BOXES_UNACT_ALL, EXTRAS_ENC_LOGITS_ALL,  # noqa: E402
                                     EXTRAS_ENC_PROPOSALS_UNACT, EXTRAS_ENC_VALID, EXTRAS_TOPK_INDICES)
-from codetr.core.structures import Batch  # noqa: E402
+from tests.variants._hf import close as _close  # noqa: E402
+from tests.variants._hf import padded_batch as _batch  # noqa: E402
+from tests.variants._hf import randomize as _randomize  # noqa: E402
 
 pytestmark = pytest.mark.parity
 
-ATOL = 1e-4
-HW = (160, 192)
-VALID = [(160, 192), (96, 120)]  # image 1 is padded on the bottom and the right
 CASES = {
     "refine_two_stage": dict(with_box_refine=True, two_stage=True),
     "refine": dict(with_box_refine=True, two_stage=False),
@@ -65,31 +63,6 @@ def _hf_config(**kw):
                   num_labels=7, d_model=128, encoder_layers=2, decoder_layers=2, encoder_ffn_dim=256,
                   decoder_ffn_dim=256, num_queries=24, two_stage_num_proposals=24, dropout=0.0)
     return DeformableDetrConfig(**{**fields, **kw})
-
-
-@torch.no_grad()
-def _randomize(model: nn.Module, seed: int) -> None:
-    """Every float parameter / buffer random (tied parameters stay tied: named_parameters de-duplicates)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(t: Tensor) -> Tensor:
-        return torch.randn(t.shape, generator=g)
-
-    for name, t in chain(model.named_parameters(), model.named_buffers()):
-        if not t.is_floating_point():
-            continue
-        if name.endswith("running_var"):
-            t.copy_(torch.rand(t.shape, generator=g) * 0.5 + 0.75)
-        elif name.endswith("running_mean"):
-            t.copy_(0.1 * rnd(t))
-        elif name.endswith("level_embed") or name.endswith("query_position_embeddings.weight"):
-            t.copy_(rnd(t))
-        elif t.dim() >= 2:
-            t.copy_(rnd(t) / t[0].numel() ** 0.5)
-        elif re.search(r"(norm|normalization|input_proj\.\d+\.1)\.weight$", name):
-            t.copy_(1 + 0.1 * rnd(t))
-        else:  # biases (the offset bias keeps its direction grid, plus noise)
-            t.add_(0.1 * rnd(t))
 
 
 class _Capture:
@@ -117,17 +90,6 @@ class _Capture:
         def fn(_module, _inputs, output):
             self.data.setdefault(name, output)  # first call only
         return fn
-
-
-def _batch() -> Batch:
-    g = torch.Generator().manual_seed(1)
-    images = torch.zeros(2, 3, *HW)
-    masks = torch.ones(2, *HW, dtype=torch.bool)
-    for i, (h, w) in enumerate(VALID):
-        images[i, :, :h, :w] = torch.randn(3, h, w, generator=g)
-        masks[i, :h, :w] = False
-    return Batch(images=images, masks=masks, targets=[], image_sizes=torch.tensor(VALID),
-                 orig_sizes=torch.tensor(VALID), image_ids=[0, 1])
 
 
 def _build(case: str):
@@ -160,16 +122,6 @@ def run(request):
         out = model.variant.decode(group, memory)
     return dict(case=case, cfg=cfg, hf=hf, model=model, report=report, cap=cap.data, out_hf=out_hf, feats=feats,
                 levels=levels, memory=memory, group=group, out=out)
-
-
-def _close(name: str, got: Tensor, want: Tensor, diffs: dict[str, float], atol: float = ATOL) -> None:
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    finite = torch.isfinite(want)
-    assert torch.equal(torch.isfinite(got), finite), f"{name}: non-finite entries differ"
-    assert torch.equal(got[~finite], want[~finite]), f"{name}: non-finite values differ"
-    diff = (got[finite].double() - want[finite].double()).abs().max().item() if finite.any() else 0.0
-    diffs[name] = diff
-    assert diff <= atol, f"{name}: max abs diff {diff:.3g} > {atol:g}"
 
 
 def test_conversion_report(run):

@@ -192,7 +192,8 @@ class DecoderOutputs:
         logits: (L, B, Q, num_classes) class logits (sigmoid / focal style).
         boxes: (L, B, Q, 4) normalised cxcywh predictions (after sigmoid).
         hidden: (L, B, Q, C) decoder states (after the output norm, if any).
-        references: (L, B, Q, 4) the reference each layer refined from.
+        references: (L, B, Q, 4) the reference each layer refined from ((L, B, Q, 2) points for variants with
+            2-D references throughout: Conditional-DETR, one-stage Deformable-DETR without refinement).
     """
 
     logits: Tensor

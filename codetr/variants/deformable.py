@@ -63,7 +63,7 @@ from codetr.core.structures import Batch
 from codetr.ops.position import sine_box_embedding
 from codetr.variants.base import DeformableVariant, with_shared_fallbacks
 from codetr.variants.layers import (DeformableDecoderLayer, LayerStack, apply_box_delta, init_prediction_heads,
-                                    stack_references)
+                                    slice_outputs, stack_references)
 
 __all__ = ["PRESETS", "ONE2MANY", "DeformableDETRConfig", "DeformableDETR", "hybrid_attention_mask", "build",
            "COMPONENT"]
@@ -283,15 +283,11 @@ class DeformableDETR(DeformableVariant):
             return [(group, outputs)]
         n = int(n)
 
-        def part(lo: int | None, hi: int | None) -> DecoderOutputs:
-            return DecoderOutputs(logits=outputs.logits[:, :, lo:hi], boxes=outputs.boxes[:, :, lo:hi],
-                                  hidden=outputs.hidden[:, :, lo:hi], references=outputs.references[:, :, lo:hi])
-
         main = QueryGroup(name=group.name, content=group.content[:, :n], reference=group.reference[:, :n],
                           pos=group.pos[:, :n])
         many = QueryGroup(name=ONE2MANY, content=group.content[:, n:], reference=group.reference[:, n:],
                           pos=group.pos[:, n:])
-        return [(main, part(None, n)), (many, part(n, None))]
+        return [(main, slice_outputs(outputs, None, n)), (many, slice_outputs(outputs, n, None))]
 
     def group_loss(self, group: QueryGroup, outputs: DecoderOutputs, batch: Batch, criterion: Criterion
                    ) -> dict[str, Tensor]:

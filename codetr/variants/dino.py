@@ -75,7 +75,7 @@ from codetr.core.structures import Batch, xyxy_to_cxcywh
 from codetr.ops.functional import inverse_sigmoid
 from codetr.ops.position import sine_box_embedding
 from codetr.variants.base import DeformableVariant, with_shared_fallbacks
-from codetr.variants.layers import MLP, DeformableDecoderLayer, init_prediction_heads
+from codetr.variants.layers import MLP, DeformableDecoderLayer, init_prediction_heads, slice_outputs
 
 __all__ = ["DINOConfig", "DINO", "DenoisingGenerator", "DenoisingQueries", "dn_attention_mask",
            "dn_num_groups", "build", "COMPONENT"]
@@ -382,15 +382,11 @@ class DINO(DeformableVariant):
             return [(group, outputs)]
         n = int(n)
 
-        def part(lo: int | None, hi: int | None) -> DecoderOutputs:
-            return DecoderOutputs(logits=outputs.logits[:, :, lo:hi], boxes=outputs.boxes[:, :, lo:hi],
-                                  hidden=outputs.hidden[:, :, lo:hi], references=outputs.references[:, :, lo:hi])
-
         dn = QueryGroup(name="dn", content=group.content[:, :n], reference=group.reference[:, :n],
                         self_attn_mask=None if group.self_attn_mask is None else group.self_attn_mask[:n, :n],
                         extras=dict(group.extras))
         main = QueryGroup(name=group.name, content=group.content[:, n:], reference=group.reference[:, n:])
-        return [(dn, part(None, n)), (main, part(n, None))]
+        return [(dn, slice_outputs(outputs, None, n)), (main, slice_outputs(outputs, n, None))]
 
     def group_loss(self, group: QueryGroup, outputs: DecoderOutputs, batch: Batch, criterion: Criterion
                    ) -> dict[str, Tensor]:

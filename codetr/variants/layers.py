@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from codetr.core.interfaces import (EXTRAS_ENC_BOXES, EXTRAS_ENC_BOXES_UNACT_ALL, EXTRAS_ENC_LOGITS,
+from codetr.core.interfaces import (EXTRAS_ENC_BOXES, DecoderOutputs, EXTRAS_ENC_BOXES_UNACT_ALL, EXTRAS_ENC_LOGITS,
                                     EXTRAS_ENC_LOGITS_ALL, EXTRAS_ENC_PROPOSALS_UNACT, EXTRAS_ENC_VALID,
                                     EXTRAS_TOPK_BOXES_UNACT, EXTRAS_TOPK_INDICES, EncoderInputs)
 from codetr.ops.functional import inverse_sigmoid
@@ -40,6 +40,7 @@ __all__ = [
     "two_stage_proposals",
     "apply_box_delta",
     "stack_references",
+    "slice_outputs",
 ]
 
 
@@ -333,3 +334,9 @@ def stack_references(refs: list[Tensor]) -> Tensor:
     if len({r.shape[-1] for r in refs}) > 1:
         refs = [r if r.shape[-1] == 4 else torch.cat([r, r.new_zeros(r.shape)], -1) for r in refs]
     return torch.stack(refs)
+
+
+def slice_outputs(outputs: DecoderOutputs, lo: int | None, hi: int | None) -> DecoderOutputs:
+    """Queries ``lo:hi`` of every layer's outputs (a part of a jointly decoded group, ``split_outputs``)."""
+    return DecoderOutputs(logits=outputs.logits[:, :, lo:hi], boxes=outputs.boxes[:, :, lo:hi],
+                          hidden=outputs.hidden[:, :, lo:hi], references=outputs.references[:, :, lo:hi])
